@@ -1,0 +1,327 @@
+"""Adapters between ComfyUI's sampling hooks and the pure engine in ``samplers/``.
+
+This is the one module that knows the host's hook names and argument keys. What it installs:
+
+- on the model clone, one ``OUTER_SAMPLE`` wrapper (``add_wrapper_with_key``, key
+  ``negative_guidance``). At the start of each sampling run it
+  - adds the extra negatives (and the unconditional conditioning, if any) to the guider's
+    conditionings, so the host prepares them exactly like the negative prompt (areas, masks,
+    model-specific conds, ControlNets);
+  - turns percent windows into sigmas with the model's own ``percent_to_sigma``;
+  - sets, in that run's copy of the model options only, a ``sampler_calc_cond_batch_function``
+    (branch plan + one batched model call) and, when extra negatives exist, a
+    ``sampler_cfg_function`` that wraps whatever cfg function another node put there.
+- nothing else: no pre/post-cfg hook, no ``disable_cfg1_optimization`` flag, no reassigned host
+  function. Post-cfg hooks of other nodes run as usual.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.sampler_helpers
+import comfy.samplers
+import node_helpers
+
+from ..samplers import rules
+from ..samplers.engine import ExtraNegative, GuidanceSpec, add_extras, negative_for
+from ..samplers.schedule import SigmaWindow, check_percent_window, is_full_window
+
+log = logging.getLogger(__name__)
+
+WRAPPER_KEY = "negative_guidance"
+EXTRA_COND_KEY = "negative_guidance_extra_{}"
+UNCOND_COND_KEY = "negative_guidance_uncond"
+
+
+class InputError(ValueError):
+    """Bad input to one of the pack's nodes; the message names the node and the input."""
+
+    def __init__(self, node: str, name: str, expected: str, got=None):
+        detail = "" if got is None else f", got {got}"
+        super().__init__(f"{node}: input '{name}' {expected}{detail}")
+
+
+@dataclass(frozen=True, eq=False)
+class NegativeEntry:
+    """One extra negative of a chain: a conditioning, its weight and its percent window."""
+
+    conditioning: list
+    weight: float
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+
+
+@dataclass(frozen=True, eq=False)
+class GuidanceRequest:
+    """What a node asks of the engine, still in host terms (conditionings, percents)."""
+
+    node: str
+    extras: tuple = ()
+    negative_start_percent: float = 0.0
+    negative_end_percent: float = 1.0
+    unconditional: Optional[list] = None
+
+    @property
+    def is_plain_cfg(self) -> bool:
+        active = [e for e in self.extras if e.weight != 0.0]
+        return not active and is_full_window(self.negative_start_percent, self.negative_end_percent)
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def conditioning_width(conditioning, node: str, name: str) -> int:
+    """The embedding width of a CONDITIONING, checking it is a non-empty list of [tensor, dict]."""
+    if not isinstance(conditioning, (list, tuple)) or len(conditioning) == 0:
+        raise InputError(node, name, "must be a non-empty CONDITIONING list", type(conditioning).__name__)
+    widths = set()
+    for entry in conditioning:
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[1], dict):
+            raise InputError(node, name, "must be a CONDITIONING: a list of [tensor, dict] pairs")
+        tensor = entry[0]
+        if tensor is None or not hasattr(tensor, "shape") or tensor.ndim < 2:
+            raise InputError(node, name, "must carry an embedding tensor of shape [batch, tokens, width]")
+        widths.add(int(tensor.shape[-1]))
+    if len(widths) != 1:
+        raise InputError(node, name, "has entries of different embedding widths", sorted(widths))
+    return widths.pop()
+
+
+def check_same_width(node: str, reference, reference_name: str, other, other_name: str) -> None:
+    want = conditioning_width(reference, node, reference_name)
+    got = conditioning_width(other, node, other_name)
+    if want != got:
+        raise InputError(
+            node, other_name,
+            f"must have the embedding width of '{reference_name}' ({want}); it comes from a different "
+            "text encoder or model family", got,
+        )
+
+
+def check_finite(node: str, name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(node, name, "must be a finite number", repr(value))
+    return float(value)
+
+
+def check_window(node: str, start: float, end: float, prefix: str = "") -> None:
+    try:
+        check_percent_window(start, end, node)
+    except ValueError as e:
+        raise InputError(node, f"{prefix}start_percent/{prefix}end_percent", str(e).split(": ", 1)[1]) from None
+
+
+def validate_request(request: GuidanceRequest, positive=None, negative=None) -> None:
+    """Check a request before any sampling starts; with ``positive`` known, check widths too."""
+    node = request.node
+    check_window(node, request.negative_start_percent, request.negative_end_percent, "negative_")
+    for i, entry in enumerate(request.extras):
+        name = f"negatives[{i}]"
+        if not isinstance(entry, NegativeEntry):
+            raise InputError(node, "negatives", "must be a chain made by the Weighted Negative node", type(entry).__name__)
+        conditioning_width(entry.conditioning, node, name)
+        check_finite(node, f"{name}.weight", entry.weight)
+        check_window(node, entry.start_percent, entry.end_percent, f"{name}.")
+    if request.unconditional is not None:
+        conditioning_width(request.unconditional, node, "unconditional")
+    if positive is None:
+        return
+    if negative is not None:
+        check_same_width(node, positive, "positive", negative, "negative")
+    for i, entry in enumerate(request.extras):
+        check_same_width(node, positive, "positive", entry.conditioning, f"negatives[{i}]")
+    if request.unconditional is not None:
+        check_same_width(node, positive, "positive", request.unconditional, "unconditional")
+
+
+# ---------------------------------------------------------------------------- patching
+
+
+def apply_guidance(model, request: GuidanceRequest):
+    """Return a clone of ``model`` that applies ``request`` in every sampling run.
+
+    At the defaults (no extra negative, the whole schedule) the clone is not patched at all, so
+    its output is the host's, bit for bit.
+    """
+    m = model.clone()
+    if request.is_plain_cfg:
+        return m
+    if m.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY):
+        raise InputError(
+            request.node, "model",
+            "already has negative guidance applied by another node of this pack; chain the extra "
+            "negatives into one node instead of stacking them",
+        )
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _OuterSample(request))
+    return m
+
+
+def _sigma_window(model_sampling, start_percent: float, end_percent: float) -> SigmaWindow:
+    start = math.inf if start_percent <= 0.0 else float(model_sampling.percent_to_sigma(start_percent))
+    end = -math.inf if end_percent >= 1.0 else float(model_sampling.percent_to_sigma(end_percent))
+    return SigmaWindow(start, end)
+
+
+def resolve_spec(request: GuidanceRequest, model_sampling) -> GuidanceSpec:
+    """Percent windows to sigma windows, with the model's own schedule."""
+    extras = tuple(
+        ExtraNegative(e.weight, _sigma_window(model_sampling, e.start_percent, e.end_percent))
+        for e in request.extras
+    )
+    return GuidanceSpec(
+        primary_window=_sigma_window(model_sampling, request.negative_start_percent, request.negative_end_percent),
+        extras=extras,
+        has_uncond=request.unconditional is not None,
+    )
+
+
+def _as_negative(conditioning) -> list:
+    return comfy.sampler_helpers.convert_cond(node_helpers.conditioning_set_values(conditioning, {"prompt_type": "negative"}))
+
+
+class _OuterSample:
+    """OUTER_SAMPLE wrapper: prepares one sampling run, then lets the host run it."""
+
+    def __init__(self, request: GuidanceRequest):
+        self.request = request
+
+    def __call__(self, executor, *args, **kwargs):
+        guider = executor.class_obj
+        node = self.request.node
+        if type(guider).predict_noise is not comfy.samplers.CFGGuider.predict_noise:
+            raise InputError(
+                node, "model",
+                f"is being sampled by {type(guider).__name__}, which combines predictions itself and would "
+                "ignore the negatives; use KSampler, CFGGuider or NegativeGuider with this model",
+            )
+        self._check_widths(_widths(guider.original_conds.get("positive")), _widths(guider.original_conds.get("negative")))
+        model_sampling = guider.model_patcher.get_model_object("model_sampling")
+        spec = resolve_spec(self.request, model_sampling)
+        for i, entry in enumerate(self.request.extras):
+            guider.conds[EXTRA_COND_KEY.format(i)] = _as_negative(entry.conditioning)
+        if self.request.unconditional is not None:
+            guider.conds[UNCOND_COND_KEY] = _as_negative(self.request.unconditional)
+        _Run(spec, guider, float(getattr(guider, "cfg", math.nan)), node).install(guider.model_options)
+        return executor(*args, **kwargs)
+
+    def _check_widths(self, positive_widths: set, negative_widths: set) -> None:
+        if len(positive_widths) != 1:
+            return
+        (want,) = positive_widths
+        if negative_widths and negative_widths != positive_widths:
+            raise InputError(
+                self.request.node, "negative",
+                f"(the sampler's negative prompt) must have the positive prompt's embedding width ({want})",
+                sorted(negative_widths),
+            )
+        named = [(f"negatives[{i}]", e.conditioning) for i, e in enumerate(self.request.extras)]
+        if self.request.unconditional is not None:
+            named.append(("unconditional", self.request.unconditional))
+        for name, conditioning in named:
+            got = conditioning_width(conditioning, self.request.node, name)
+            if got != want:
+                raise InputError(
+                    self.request.node, name,
+                    f"must have the positive prompt's embedding width ({want}); it comes from a different "
+                    "text encoder or model family", got,
+                )
+
+
+@dataclass
+class _Step:
+    """What the batched call of one step left for the cfg function of the same step."""
+
+    input: object
+    plan: object
+    pos: object
+    primary: object
+    uncond: object
+    extras: list
+
+
+class _Run:
+    """The hooks of one sampling run; lives in that run's copy of the model options only."""
+
+    def __init__(self, spec: GuidanceSpec, guider, cfg: float, node: str):
+        self.spec = spec
+        self.guider = guider
+        self.cfg1 = math.isclose(cfg, 1.0)
+        self.node = node
+        self.weights = [e.weight for e in spec.extras]
+        self.prev_calc = None
+        self.prev_cfg = None
+        self.pending: Optional[_Step] = None
+
+    def install(self, model_options: dict) -> None:
+        self.prev_calc = model_options.get("sampler_calc_cond_batch_function")
+        model_options["sampler_calc_cond_batch_function"] = self.calc_cond_batch
+        if self.spec.extras:
+            self.prev_cfg = model_options.get("sampler_cfg_function")
+            if self.prev_cfg is not None:
+                log.info("%s: composing with the cfg function already on the model (%s)", self.node, _name(self.prev_cfg))
+            model_options["sampler_cfg_function"] = self.cfg_function
+
+    def _plan(self, conds, sigma):
+        # The one device->host read of the step, and only when a window makes the plan depend
+        # on sigma; the host reads sigma the same way for every conditioning with a timestep range.
+        s = float(sigma.reshape(-1)[0]) if self.spec.needs_sigma else None
+        return self.spec.plan(
+            s,
+            has_primary=self._primary_conds(conds) is not None,
+            primary_term_needed=not self.cfg1,
+            keep_primary=self.cfg1 and conds[1] is not None,
+        )
+
+    def _primary_conds(self, conds):
+        # At cfg == 1 the host leaves the negative out; take it from the guider when a plan needs it.
+        return conds[1] if conds[1] is not None else self.guider.conds.get("negative")
+
+    def calc_cond_batch(self, args):
+        conds, x, sigma, model, options = args["conds"], args["input"], args["sigma"], args["model"], args["model_options"]
+        plan = self._plan(conds, sigma)
+        extra_conds = [self.guider.conds[EXTRA_COND_KEY.format(i)] for i in plan.extras]
+        uncond_conds = [self.guider.conds[UNCOND_COND_KEY]] if plan.uncond else []
+        primary_conds = self._primary_conds(conds) if plan.primary else None
+        if self.prev_calc is None:
+            out = comfy.samplers.calc_cond_batch(model, [conds[0], primary_conds] + extra_conds + uncond_conds, x, sigma, options)
+        else:
+            # Another node owns the two-branch call (it may expect exactly [cond, uncond]);
+            # our branches go in a second batched call.
+            out = list(self.prev_calc({**args, "conds": [conds[0], primary_conds]}))
+            if extra_conds or uncond_conds:
+                out += comfy.samplers.calc_cond_batch(model, extra_conds + uncond_conds, x, sigma, options)
+        pos = out[0]
+        primary = out[1] if plan.primary else None
+        extras = out[2:2 + len(extra_conds)]
+        uncond = out[2 + len(extra_conds)] if plan.uncond else None
+        if self.spec.extras:
+            self.pending = _Step(x, plan, pos, primary, uncond, extras)
+        return [pos, negative_for(plan, pos, primary, uncond)]
+
+    def cfg_function(self, args):
+        x = args["input"]
+        step, self.pending = self.pending, None
+        if step is None or step.input is not x:
+            raise RuntimeError(
+                f"{self.node}: the cfg step ran without this pack's batched call before it; another node "
+                "replaced 'sampler_calc_cond_batch_function' during sampling"
+            )
+        if self.prev_cfg is not None:
+            guided = x - self.prev_cfg(args)
+        else:
+            guided = rules.cfg(args["cond_denoised"], args["uncond_denoised"], args["cond_scale"])
+        out = add_extras(step.plan, guided, self.weights, step.extras, step.pos, step.primary, step.uncond)
+        return x - out
+
+
+def _widths(converted_conds) -> set:
+    return {int(c["cross_attn"].shape[-1]) for c in converted_conds or () if c.get("cross_attn") is not None}
+
+
+def _name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__

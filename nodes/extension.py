@@ -1,0 +1,11 @@
+"""The V3 extension object that lists the pack's nodes."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import guidance
+
+
+class NegativeGuidanceExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(guidance.NODES)

@@ -1,0 +1,133 @@
+"""The negative-guidance engine: one description of the negatives, one plan a step, one combine.
+
+The host glue (``nodes/_host.py``), the toy sampler and the benchmarks all call these functions;
+nothing here knows ComfyUI. A step runs in three parts:
+
+1. ``GuidanceSpec.plan(sigma, ...)`` says which branches to predict (``StepPlan``), before any
+   model call, so a negative outside its window is never computed;
+2. the caller predicts exactly those branches (ComfyUI: in one ``calc_cond_batch`` call);
+3. ``guide(plan, scale, ...)`` combines them:
+   ``D = D_neg + scale * (D_pos - D_neg) - sum_i w_i * (D_neg_i - D_ref)``.
+
+The first term is classifier-free guidance (Ho & Salimans 2022) with the primary negative in
+place of the unconditional prediction, as every ComfyUI sampler does; the sum is Composable
+Diffusion's NOT (Liu et al. 2022) over the extra negatives active at this step, measured from
+``D_ref``: the unconditional prediction when an unconditional conditioning is connected, else the
+primary negative's prediction (usually the empty or general-purpose negative prompt).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import rules
+from .schedule import SigmaWindow, StepPlan, plan_step
+
+
+@dataclass(frozen=True)
+class ExtraNegative:
+    """One extra negative: its weight and the sigma window in which it is active.
+
+    A weight of 0 makes it inactive everywhere: its branch is never predicted.
+    """
+
+    weight: float
+    window: SigmaWindow = field(default_factory=SigmaWindow)
+
+    def __post_init__(self):
+        if not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
+            raise ValueError(f"extra negative weight must be a finite number, got {self.weight!r}")
+
+
+@dataclass(frozen=True)
+class GuidanceSpec:
+    """Everything about the negatives of one sampling run that does not change between steps."""
+
+    primary_window: SigmaWindow = field(default_factory=SigmaWindow)
+    extras: tuple = ()
+    has_uncond: bool = False
+
+    @property
+    def needs_sigma(self) -> bool:
+        """Whether a step's plan depends on its sigma (False: no window, no sigma read at all)."""
+        return not self.primary_window.always or any(not e.window.always for e in self.extras if e.weight != 0.0)
+
+    @property
+    def is_plain_cfg(self) -> bool:
+        """True when the spec adds nothing to the host's CFG (no extras, no window, no fallback)."""
+        return not self.extras and self.primary_window.always
+
+    def plan(
+        self,
+        sigma: Optional[float],
+        *,
+        has_primary: bool = True,
+        primary_term_needed: bool = True,
+        keep_primary: bool = False,
+    ) -> StepPlan:
+        return plan_step(
+            sigma,
+            self.primary_window,
+            [e.window for e in self.extras],
+            skip=[e.weight == 0.0 for e in self.extras],
+            has_primary=has_primary,
+            has_uncond=self.has_uncond,
+            primary_term_needed=primary_term_needed,
+            keep_primary=keep_primary,
+        )
+
+
+def _pick(role: Optional[str], pos, primary, uncond) -> torch.Tensor:
+    chosen = {"primary": primary, "uncond": uncond, "positive": pos}[role]
+    if chosen is None:
+        raise ValueError(f"the step plan uses the {role} prediction but it was not computed")
+    return chosen
+
+
+def negative_for(plan: StepPlan, pos, primary=None, uncond=None) -> torch.Tensor:
+    """The prediction that plays the primary negative at this step (never a zero stand-in)."""
+    return _pick(plan.negative, pos, primary, uncond)
+
+
+def add_extras(
+    plan: StepPlan,
+    guided: torch.Tensor,
+    weights: Sequence[float],
+    extras: Sequence[torch.Tensor],
+    pos: torch.Tensor,
+    primary: Optional[torch.Tensor] = None,
+    uncond: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Add the NOT terms of the extra negatives active at this step to ``guided``.
+
+    ``extras`` holds the predictions of the active extra negatives, in the order of
+    ``plan.extras``; ``weights`` holds the weights of *all* extra negatives of the spec.
+    """
+    if not plan.extras:
+        return guided
+    if len(extras) != len(plan.extras):
+        raise ValueError(f"the plan has {len(plan.extras)} active extra negatives, got {len(extras)} predictions")
+    reference = _pick(plan.reference, pos, primary, uncond)
+    return rules.composable_not(guided, extras, [weights[i] for i in plan.extras], reference)
+
+
+def guide(
+    plan: StepPlan,
+    scale: float,
+    pos: torch.Tensor,
+    primary: Optional[torch.Tensor] = None,
+    uncond: Optional[torch.Tensor] = None,
+    extras: Sequence[torch.Tensor] = (),
+    weights: Sequence[float] = (),
+    primary_combine: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Combine one step's predictions into the guided prediction (denoised space).
+
+    ``primary_combine(pos, neg)`` replaces the CFG term when another rule owns it.
+    """
+    neg = negative_for(plan, pos, primary, uncond)
+    guided = primary_combine(pos, neg) if primary_combine is not None else rules.cfg(pos, neg, scale)
+    return add_extras(plan, guided, weights, extras, pos, primary, uncond)

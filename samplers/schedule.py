@@ -1,0 +1,115 @@
+"""Step windows and the per-step plan of which branches the model must predict.
+
+A window is given in percent of the schedule, as ComfyUI's ``ConditioningSetTimestepRange``
+does: ``start_percent=0`` is the first (noisiest) step, ``end_percent=1`` the last. The host
+glue turns percents into sigmas with the model's own ``percent_to_sigma``; from then on a window
+is a closed sigma interval ``[sigma_end, sigma_start]`` and the rule for "active" is the host's
+(a conditioning is skipped when ``sigma > sigma_start`` or ``sigma < sigma_end``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+ALWAYS = (math.inf, -math.inf)
+
+
+@dataclass(frozen=True)
+class SigmaWindow:
+    """Closed sigma interval in which a negative is active; the default is every step."""
+
+    sigma_start: float = math.inf
+    sigma_end: float = -math.inf
+
+    @property
+    def always(self) -> bool:
+        return self.sigma_start == math.inf and self.sigma_end == -math.inf
+
+    def contains(self, sigma: Optional[float]) -> bool:
+        """True when ``sigma`` lies in the window (``None``, an unknown sigma, only fits ALWAYS)."""
+        if self.always:
+            return True
+        if sigma is None:
+            raise ValueError("a window that is not the whole schedule needs the step's sigma")
+        return not (sigma > self.sigma_start or sigma < self.sigma_end)
+
+
+def check_percent_window(start_percent: float, end_percent: float, what: str) -> None:
+    """Raise ``ValueError`` naming ``what`` unless ``0 <= start <= end <= 1`` and both are finite."""
+    for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"{what}: {name} must be a finite number in [0, 1], got {value!r}")
+    if start_percent > end_percent:
+        raise ValueError(
+            f"{what}: start_percent ({start_percent}) is after end_percent ({end_percent}); "
+            "the window runs from start (0 = first step) to end (1 = last step)"
+        )
+
+
+def is_full_window(start_percent: float, end_percent: float) -> bool:
+    return start_percent <= 0.0 and end_percent >= 1.0
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Which branches one step predicts, and what plays each role in the combine.
+
+    ``negative`` names the prediction used as the primary negative: ``"primary"`` (the sampler's
+    negative), ``"uncond"`` (the unconditional fallback, outside the primary window) or
+    ``"positive"`` (no guidance from the primary term: the step moves along the positive alone).
+    ``reference`` is the D_ref of the extra negatives' NOT terms (``None`` when none is active).
+    """
+
+    primary: bool
+    uncond: bool
+    extras: tuple
+    negative: str
+    reference: Optional[str]
+
+    @property
+    def branches(self) -> int:
+        """Model branches this step costs, the positive included."""
+        return 1 + int(self.primary) + int(self.uncond) + len(self.extras)
+
+
+def plan_step(
+    sigma: Optional[float],
+    primary_window: SigmaWindow,
+    extra_windows: Sequence[SigmaWindow],
+    *,
+    has_primary: bool = True,
+    has_uncond: bool = False,
+    primary_term_needed: bool = True,
+    keep_primary: bool = False,
+    skip: Sequence[bool] = (),
+) -> StepPlan:
+    """Decide, before the model is called, which branches a step needs.
+
+    - The primary negative is predicted while its window is active and its term matters
+      (``primary_term_needed`` is False at cfg == 1, where ``D_neg + 1*(D_pos - D_neg) = D_pos``),
+      when it is the reference of an active extra negative, or when ``keep_primary`` says another
+      node asked the host for it.
+    - Outside the primary window the unconditional branch stands in for it when one is connected;
+      otherwise the step has no primary guidance (never a zero prediction).
+    - An extra negative is predicted only inside its own window (never when ``skip[i]``).
+    - The reference of the extra negatives is the unconditional branch when connected, else the
+      primary negative.
+    """
+    skip = tuple(skip) or (False,) * len(extra_windows)
+    extras = tuple(i for i, w in enumerate(extra_windows) if not skip[i] and w.contains(sigma))
+    primary_active = has_primary and primary_window.contains(sigma)
+
+    reference = None
+    if extras:
+        reference = "uncond" if has_uncond else ("primary" if has_primary else "positive")
+
+    primary = (primary_active and (primary_term_needed or keep_primary)) or reference == "primary"
+    if primary_active and primary:
+        negative = "primary"
+    elif has_uncond and primary_term_needed and not primary_active:
+        negative = "uncond"
+    else:
+        negative = "positive"
+    uncond = negative == "uncond" or reference == "uncond"
+    return StepPlan(primary=primary, uncond=uncond, extras=extras, negative=negative, reference=reference)
