@@ -29,7 +29,7 @@ import node_helpers
 
 from ..samplers import rules
 from ..samplers.engine import ExtraNegative, GuidanceSpec, add_extras, negative_for
-from ..samplers.schedule import SigmaWindow, check_percent_window, is_full_window
+from ..samplers.schedule import SigmaWindow, is_full_window
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,17 @@ def check_finite(node: str, name: str, value: float) -> float:
 
 
 def check_window(node: str, start: float, end: float, prefix: str = "") -> None:
-    try:
-        check_percent_window(start, end, node)
-    except ValueError as e:
-        raise InputError(node, f"{prefix}start_percent/{prefix}end_percent", str(e).split(": ", 1)[1]) from None
+    """Both percents finite in [0, 1] and start <= end, else an error naming the inputs."""
+    for name, value in ((f"{prefix}start_percent", start), (f"{prefix}end_percent", end)):
+        check_finite(node, name, value)
+        if not 0.0 <= value <= 1.0:
+            raise InputError(node, name, "must be in [0, 1] (a fraction of the schedule)", value)
+    if start > end:
+        raise InputError(
+            node, f"{prefix}start_percent",
+            f"must not be after {prefix}end_percent ({end}): the window runs from start (0 = first step) "
+            "to end (1 = last step)", start,
+        )
 
 
 def validate_request(request: GuidanceRequest, positive=None, negative=None) -> None:
