@@ -110,3 +110,19 @@ def test_the_guider_takes_every_cfgguider_input(pack_nodes):
     required = custom.CFGGuider.INPUT_TYPES()["required"]
     ours = [i.id for i in pack_nodes.NegativeGuider.define_schema().inputs]
     assert ours[: len(required)] == list(required)
+
+
+def test_cloned_into_custom_nodes_it_loads_through_the_hosts_loader(host, tmp_path):
+    """The host's own loader, on the pack linked into a custom_nodes folder, as a user installs it."""
+    from pathlib import Path
+
+    host_nodes = importlib.import_module("nodes")
+    root = Path(__file__).resolve().parents[1]
+    target = tmp_path / "custom_nodes" / "comfyui-negative-guidance"
+    target.parent.mkdir()
+    target.symlink_to(root, target_is_directory=True)
+    assert asyncio.run(host_nodes.load_custom_node(str(target), module_parent="custom_nodes"))
+    for node_id in ("NegativeGuidance", "NegativeGuider", "NegativeGuidanceSampler", "WeightedNegative"):
+        cls = host_nodes.NODE_CLASS_MAPPINGS[node_id]
+        assert cls.define_schema().category == "sampling/negative_guidance"
+        assert cls.__module__.startswith(str(target).replace(".", "_x_")), "not the copy in custom_nodes"
