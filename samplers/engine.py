@@ -6,7 +6,7 @@ nothing here knows ComfyUI. A step runs in three parts:
 1. ``GuidanceSpec.plan(sigma, ...)`` says which branches to predict (``StepPlan``), before any
    model call, so a negative outside its window is never computed;
 2. the caller predicts exactly those branches (ComfyUI: in one ``calc_cond_batch`` call);
-3. ``guide(plan, scale, ...)`` combines them:
+3. ``combine_step(spec, plan, state, ...)`` combines them with the spec's rule (plain CFG by default):
    ``D = D_neg + scale * (D_pos - D_neg) - sum_i w_i * (D_neg_i - D_ref)``.
 
 The first term is classifier-free guidance (Ho & Salimans 2022) with the primary negative in
@@ -49,16 +49,29 @@ class GuidanceSpec:
     primary_window: SigmaWindow = field(default_factory=SigmaWindow)
     extras: tuple = ()
     has_uncond: bool = False
+    rule: rules.CFG = field(default_factory=rules.CFG)
+
+    def __post_init__(self):
+        if self.rule.needs_uncond and not self.has_uncond:
+            raise ValueError(f"the {self.rule.name} rule needs an unconditional (empty prompt) conditioning")
 
     @property
     def needs_sigma(self) -> bool:
         """Whether a step's plan depends on its sigma (False: no window, no sigma read at all)."""
-        return not self.primary_window.always or any(not e.window.always for e in self.extras if e.weight != 0.0)
+        return (
+            self.rule.reads_sigma
+            or not self.primary_window.always
+            or any(not e.window.always for e in self.extras if e.weight != 0.0)
+        )
 
     @property
     def is_plain_cfg(self) -> bool:
         """True when the spec adds nothing to the host's CFG (no extras, no window, no fallback)."""
-        return not self.extras and self.primary_window.always
+        return (
+            not any(e.weight != 0.0 for e in self.extras)
+            and self.primary_window.always
+            and type(self.rule) is rules.CFG
+        )
 
     def plan(
         self,
@@ -67,12 +80,16 @@ class GuidanceSpec:
         has_primary: bool = True,
         primary_term_needed: bool = True,
         keep_primary: bool = False,
+        call_index: int = 0,
     ) -> StepPlan:
+        """The step's plan; ``call_index`` counts model evaluations since the run started."""
         return plan_step(
             sigma,
             self.primary_window,
             [e.window for e in self.extras],
             skip=[e.weight == 0.0 for e in self.extras],
+            guidance_off=self.rule.guidance_off(sigma, call_index),
+            force_uncond=self.rule.needs_uncond,
             has_primary=has_primary,
             has_uncond=self.has_uncond,
             primary_term_needed=primary_term_needed,
@@ -92,42 +109,42 @@ def negative_for(plan: StepPlan, pos, primary=None, uncond=None) -> torch.Tensor
     return _pick(plan.negative, pos, primary, uncond)
 
 
-def add_extras(
+def combine_step(
+    spec: GuidanceSpec,
     plan: StepPlan,
-    guided: torch.Tensor,
-    weights: Sequence[float],
-    extras: Sequence[torch.Tensor],
-    pos: torch.Tensor,
-    primary: Optional[torch.Tensor] = None,
-    uncond: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Add the NOT terms of the extra negatives active at this step to ``guided``.
-
-    ``extras`` holds the predictions of the active extra negatives, in the order of
-    ``plan.extras``; ``weights`` holds the weights of *all* extra negatives of the spec.
-    """
-    if not plan.extras:
-        return guided
-    if len(extras) != len(plan.extras):
-        raise ValueError(f"the plan has {len(plan.extras)} active extra negatives, got {len(extras)} predictions")
-    reference = _pick(plan.reference, pos, primary, uncond)
-    return rules.composable_not(guided, extras, [weights[i] for i in plan.extras], reference)
-
-
-def guide(
-    plan: StepPlan,
+    state,
+    *,
     scale: float,
     pos: torch.Tensor,
     primary: Optional[torch.Tensor] = None,
     uncond: Optional[torch.Tensor] = None,
     extras: Sequence[torch.Tensor] = (),
-    weights: Sequence[float] = (),
+    x: Optional[torch.Tensor] = None,
+    sigma: Optional[torch.Tensor] = None,
+    sample_sigmas: Optional[torch.Tensor] = None,
+    neg: Optional[torch.Tensor] = None,
     primary_combine: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Combine one step's predictions into the guided prediction (denoised space).
 
-    ``primary_combine(pos, neg)`` replaces the CFG term when another rule owns it.
+    ``extras`` holds the predictions of the active extra negatives, in the order of
+    ``plan.extras``. ``neg`` overrides the prediction the plan picks for the negative (the host
+    passes the one its pre-cfg hooks returned). ``primary_combine(pos, neg)`` lets another node's
+    CFG-like function own the main term; only the default rule accepts that. ``x``, ``sigma`` and
+    ``sample_sigmas`` are needed by rules that work outside denoised space (rescale, CFG-Zero*).
     """
-    neg = negative_for(plan, pos, primary, uncond)
-    guided = primary_combine(pos, neg) if primary_combine is not None else rules.cfg(pos, neg, scale)
-    return add_extras(plan, guided, weights, extras, pos, primary, uncond)
+    if len(extras) != len(plan.extras):
+        raise ValueError(f"the plan has {len(plan.extras)} active extra negatives, got {len(extras)} predictions")
+    if plan.negative == "positive" and not plan.extras:
+        return pos
+    if neg is None:
+        neg = negative_for(plan, pos, primary, uncond)
+    weights = [spec.extras[i].weight for i in plan.extras]
+    reference = _pick(plan.reference, pos, primary, uncond) if plan.extras else None
+    if primary_combine is not None:
+        if spec.rule.owns_combine:
+            raise ValueError(f"the {spec.rule.name} rule owns the combine step; it cannot share it")
+        return rules.composable_not(primary_combine(pos, neg), extras, weights, reference)
+    inputs = rules.StepInputs(x=x, sigma=sigma, pos=pos, neg=neg, scale=scale, uncond=uncond, extras=extras,
+                              extra_weights=weights, reference=reference, sample_sigmas=sample_sigmas)
+    return spec.rule.combine(inputs, state)

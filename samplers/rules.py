@@ -1,15 +1,75 @@
-"""Combine rules: how the step's predictions become one guided prediction.
+"""Combine rules: how one step's predictions become the guided prediction.
 
-Every function here works in *denoised* space (predictions of the clean image, as ComfyUI's
-pre/post-cfg hooks see them), keeps the input dtype and device, and never reads a tensor back to
-the host. Rules beyond plain CFG (Perp-Neg, APG, rescale, ...) join this module with the same
-shape of signature.
+Each rule is a pure function on tensors (any device, any dtype; reductions per sample over every
+non-batch dimension, in float32, cast back), wrapped by a small frozen class that validates its
+parameters at construction, says what the step plan needs from it (an unconditional branch, the
+step's sigma) and keeps its per-run state outside itself (``new_state()``), so one rule object can
+serve many runs. Everything works in *denoised* space (the host's pre/post-cfg space) unless the
+paper defines another; then the conversion is explicit (``to_noise``, ``to_v``).
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
+
+TINY = 1e-12
+
+
+# ---------------------------------------------------------------------------- tensor helpers
+
+
+def _dims(t: torch.Tensor) -> tuple:
+    return tuple(range(1, t.ndim))
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample inner product, keeping dims for broadcasting."""
+    return (a * b).sum(dim=_dims(a), keepdim=True)
+
+
+def _per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a per-sample tensor of shape [B] (or a scalar) against ``like``."""
+    value = torch.as_tensor(value, device=like.device, dtype=like.dtype)
+    if value.ndim == 0:
+        value = value.expand(like.shape[0])
+    return value.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def project(v: torch.Tensor, onto: torch.Tensor):
+    """Split ``v`` into its components parallel and orthogonal to ``onto``, per sample, in float32.
+
+    A zero ``onto`` has no direction: the parallel part is then zero and ``v`` is all orthogonal.
+    """
+    v32, o32 = v.float(), onto.float()
+    norm2 = _dot(o32, o32)
+    coef = torch.where(norm2 > TINY, _dot(v32, o32) / norm2.clamp_min(TINY), torch.zeros_like(norm2))
+    parallel = coef * o32
+    return parallel.to(v.dtype), (v32 - parallel).to(v.dtype)
+
+
+def to_noise(x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+    """The noise direction ``x - D``: sigma * epsilon for eps models, sigma * velocity for flow models."""
+    return x - denoised
+
+
+def to_v(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Denoised prediction to v-prediction (Salimans & Ho 2022) for a k-diffusion input ``x``.
+
+    The space in which Lin et al. (2023) rescale, and in which ComfyUI's RescaleCFG works.
+    """
+    s = _per_sample(sigma, x)
+    return (x / (s * s + 1.0) - denoised) * (s * s + 1.0).sqrt() / s
+
+
+def from_v(x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    s = _per_sample(sigma, x)
+    return x / (s * s + 1.0) - v * s / (s * s + 1.0).sqrt()
+
+
+# ---------------------------------------------------------------------------- pure rules
 
 
 def cfg(pos: torch.Tensor, neg: torch.Tensor, scale: float) -> torch.Tensor:
@@ -25,7 +85,7 @@ def composable_not(
     guided: torch.Tensor,
     negatives: Sequence[torch.Tensor],
     weights: Sequence[float],
-    reference: torch.Tensor,
+    reference: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """Composable Diffusion's NOT terms (Liu et al. 2022, eq. 12), added to a guided prediction.
 
@@ -42,3 +102,282 @@ def composable_not(
         if weight != 0.0:
             out = out - (pred - reference) * weight
     return out
+
+
+def perp_neg(
+    pos: torch.Tensor,
+    uncond: torch.Tensor,
+    negatives: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    scale: float,
+) -> torch.Tensor:
+    """Perp-Neg (Armandpour et al. 2023, eq. 9): negatives act only perpendicular to the positive.
+
+    ``D = D_u + scale * (D_pos - D_u) - sum_i w_i * perp(D_neg_i - D_u, D_pos - D_u)``, where
+    ``perp`` removes the component along the positive direction *per sample* (ComfyUI's
+    ``perp_neg`` projects over the whole batch at once, which mixes samples). A zero positive
+    direction leaves each negative direction whole.
+    """
+    pos_dir = pos - uncond
+    out = uncond + pos_dir * scale
+    for neg, weight in zip(negatives, weights):
+        if weight != 0.0:
+            _, perp = project(neg - uncond, pos_dir)
+            out = out - perp * weight
+    return out
+
+
+def apg(
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    scale: float,
+    eta: float,
+    norm_threshold: float,
+    momentum: float,
+    running: Optional[torch.Tensor],
+):
+    """Adaptive Projected Guidance (Sadat et al. 2024, Algorithm 1), in denoised space.
+
+    ``diff = D_pos - D_neg``; with momentum ``beta``, ``diff <- diff + beta * running`` (the paper
+    uses beta = -0.5); its per-sample norm is capped at ``norm_threshold`` (r); it is split against
+    ``D_pos`` into parallel and orthogonal parts and ``D = D_pos + (scale - 1) * (orth + eta * par)``.
+    At eta = 1, r = 0 (off) and no momentum this is plain CFG. Returns ``(D, running)``.
+    """
+    diff = pos.float() - neg.float()
+    if momentum != 0.0:
+        diff = diff if running is None else diff + momentum * running
+        running = diff
+    if norm_threshold > 0.0:
+        norm = diff.norm(p=2, dim=_dims(diff), keepdim=True)
+        diff = diff * torch.clamp(norm_threshold / norm.clamp_min(TINY), max=1.0)
+    parallel, orthogonal = project(diff, pos.float())
+    update = orthogonal + parallel * eta
+    return (pos.float() + update * (scale - 1.0)).to(pos.dtype), running
+
+
+def rescale(guided: torch.Tensor, pos: torch.Tensor, phi: float) -> torch.Tensor:
+    """CFG rescale (Lin et al. 2023, eq. 15-16): match the guided output's per-sample std to the positive's.
+
+    ``phi * guided * std(pos) / std(guided) + (1 - phi) * guided``, std over every non-batch
+    dimension (unbiased, as the paper's code and ComfyUI compute it). Apply it in the space the
+    model predicts in (the pack uses v-prediction space, as ComfyUI's RescaleCFG does).
+    """
+    g32, p32 = guided.float(), pos.float()
+    std_pos = p32.std(dim=_dims(p32), keepdim=True)
+    std_cfg = g32.std(dim=_dims(g32), keepdim=True)
+    ratio = torch.where(std_cfg > TINY, std_pos / std_cfg.clamp_min(TINY), torch.ones_like(std_cfg))
+    return (phi * g32 * ratio + (1.0 - phi) * g32).to(guided.dtype)
+
+
+def cfg_zero_star(pos: torch.Tensor, neg: torch.Tensor, scale: float) -> torch.Tensor:
+    """CFG-Zero* (Fan et al. 2025, eq. 8): CFG against the negative scaled by the optimal ``s*``.
+
+    ``s* = <pos, neg> / |neg|^2`` per sample (float32, +1e-8 as the authors' code), then
+    ``s* neg + scale * (pos - s* neg)``. Defined on flow-matching velocities; apply it in the
+    noise direction ``x - D`` (sigma * velocity for flow models, where ``s*`` is the same).
+    """
+    p32, n32 = pos.float(), neg.float()
+    s_star = _dot(p32, n32) / (_dot(n32, n32) + 1e-8)
+    scaled = n32 * s_star
+    return (scaled + (p32 - scaled) * scale).to(pos.dtype)
+
+
+# ---------------------------------------------------------------------------- rule objects
+
+
+@dataclass
+class StepInputs:
+    """What a rule sees at one step (denoised space), the plan already applied."""
+
+    x: torch.Tensor
+    sigma: torch.Tensor
+    pos: torch.Tensor
+    neg: torch.Tensor
+    scale: float
+    uncond: Optional[torch.Tensor] = None
+    extras: Sequence[torch.Tensor] = ()
+    extra_weights: Sequence[float] = ()
+    reference: Optional[torch.Tensor] = None
+    sample_sigmas: Optional[torch.Tensor] = None
+
+
+def _finite(name: str, value: float, low: float = -math.inf, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class CFG:
+    """Plain CFG with Composable-Diffusion NOT terms for extra negatives (the default rule)."""
+
+    name = "CFG"
+    needs_uncond = False
+    reads_sigma = False
+    owns_combine = False
+
+    def new_state(self):
+        return None
+
+    def guidance_off(self, sigma: Optional[float], call_index: int) -> bool:
+        return False
+
+    def combine(self, s: StepInputs, state) -> torch.Tensor:
+        return composable_not(cfg(s.pos, s.neg, s.scale), s.extras, s.extra_weights, s.reference)
+
+
+@dataclass(frozen=True)
+class PerpNeg(CFG):
+    """Perp-Neg (Armandpour et al. 2023). Needs the unconditional branch (the ``unconditional``
+    input, an empty prompt); the main negative's weight is ``cfg * neg_scale`` as in ComfyUI's
+    PerpNegGuider, each extra negative's its own weight."""
+
+    neg_scale: float = 1.0
+    name = "Perp-Neg"
+    needs_uncond = True
+    owns_combine = True
+
+    def __post_init__(self):
+        _finite("neg_scale", self.neg_scale, 0.0, 100.0)
+
+    def combine(self, s: StepInputs, state) -> torch.Tensor:
+        negatives = [s.neg, *s.extras]
+        weights = [s.scale * self.neg_scale, *s.extra_weights]
+        return perp_neg(s.pos, s.uncond, negatives, weights, s.scale)
+
+
+@dataclass(frozen=True)
+class APG(CFG):
+    """Adaptive Projected Guidance (Sadat et al. 2024) on the main pair; extras add NOT terms.
+
+    Defaults follow the paper: eta = 0 (drop the parallel part), momentum beta = -0.5, and the
+    norm threshold r = 15 (diffusers' default; the paper tunes r per model). Momentum is updated
+    at every model evaluation of one run and starts empty at the next run."""
+
+    eta: float = 0.0
+    norm_threshold: float = 15.0
+    momentum: float = -0.5
+    name = "APG"
+    owns_combine = True
+
+    def __post_init__(self):
+        _finite("eta", self.eta, -10.0, 10.0)
+        _finite("norm_threshold", self.norm_threshold, 0.0, 1000.0)
+        _finite("momentum", self.momentum, -1.0, 1.0)
+
+    def new_state(self):
+        return {"running": None}
+
+    def combine(self, s: StepInputs, state) -> torch.Tensor:
+        guided, state["running"] = apg(s.pos, s.neg, s.scale, self.eta, self.norm_threshold, self.momentum,
+                                       state["running"])
+        return composable_not(guided, s.extras, s.extra_weights, s.reference)
+
+
+@dataclass(frozen=True)
+class Rescale(CFG):
+    """CFG rescale (Lin et al. 2023), phi = 0.7 as the paper recommends, in v-prediction space."""
+
+    phi: float = 0.7
+    name = "CFG rescale"
+    owns_combine = True
+
+    def __post_init__(self):
+        _finite("phi", self.phi, 0.0, 1.0)
+
+    def combine(self, s: StepInputs, state) -> torch.Tensor:
+        guided = CFG.combine(self, s, state)
+        v = rescale(to_v(s.x, guided, s.sigma), to_v(s.x, s.pos, s.sigma), self.phi)
+        return from_v(s.x, v, s.sigma)
+
+
+@dataclass(frozen=True)
+class CFGZeroStar(CFG):
+    """CFG-Zero* (Fan et al. 2025): optimised scale in the noise direction ``x - D`` and zero-init.
+
+    The first ``zero_init_steps`` steps of the schedule return ``D = x`` (zero velocity: the
+    sampler does not move), as the authors' code does for step 0 by default. On eps models the
+    noise direction is sigma * epsilon and the same formula applies to epsilon."""
+
+    zero_init_steps: int = 1
+    name = "CFG-Zero*"
+    owns_combine = True
+
+    def __post_init__(self):
+        if isinstance(self.zero_init_steps, bool) or not isinstance(self.zero_init_steps, int) or not 0 <= self.zero_init_steps <= 1000:
+            raise ValueError(f"zero_init_steps must be a whole number in [0, 1000], got {self.zero_init_steps!r}")
+
+    def combine(self, s: StepInputs, state) -> torch.Tensor:
+        noise = cfg_zero_star(to_noise(s.x, s.pos), to_noise(s.x, s.neg), s.scale)
+        guided = composable_not(s.x - noise, s.extras, s.extra_weights, s.reference)
+        if self.zero_init_steps == 0 or s.sample_sigmas is None or len(s.sample_sigmas) < 2:
+            return guided
+        last = s.sample_sigmas[min(self.zero_init_steps, len(s.sample_sigmas) - 1) - 1]
+        zero = _per_sample(s.sigma, s.x) >= last.to(s.x.dtype)
+        return torch.where(zero, s.x, guided)
+
+
+@dataclass(frozen=True)
+class _Skipping(CFG):
+    """A rule that turns guidance off on some steps and leaves the combine to ``inner``."""
+
+    inner: Optional[CFG] = None
+    reads_sigma = True
+
+    @property
+    def _rule(self) -> CFG:
+        return self.inner if self.inner is not None else CFG()
+
+    @property
+    def needs_uncond(self):
+        return self._rule.needs_uncond
+
+    @property
+    def owns_combine(self):
+        return self._rule.owns_combine
+
+    def new_state(self):
+        return self._rule.new_state()
+
+    def combine(self, s: StepInputs, state) -> torch.Tensor:
+        return self._rule.combine(s, state)
+
+
+@dataclass(frozen=True)
+class MinSigma(_Skipping):
+    """AUTOMATIC1111's "negative guidance minimum sigma": below ``min_sigma`` the negative branches
+    are skipped on every other model evaluation (A1111 counts evaluations, skipping odd ones), or on
+    all of them; a skipped step is the positive prediction alone and costs one branch."""
+
+    min_sigma: float = 0.0
+    all_steps: bool = False
+    name = "Negative guidance minimum sigma"
+
+    def __post_init__(self):
+        _finite("min_sigma", self.min_sigma, 0.0, 1e4)
+
+    def guidance_off(self, sigma: Optional[float], call_index: int) -> bool:
+        if self.min_sigma <= 0.0 or sigma is None or not sigma < self.min_sigma:
+            return False
+        return self.all_steps or call_index % 2 == 1
+
+
+@dataclass(frozen=True)
+class GuidanceInterval(_Skipping):
+    """Guidance interval (Kynkäänniemi et al. 2024): guidance only for sigma in (sigma_low, sigma_high];
+    elsewhere the positive prediction alone, one branch. The paper's SDXL interval is (0.28, 5.42]."""
+
+    sigma_low: float = 0.28
+    sigma_high: float = 5.42
+    name = "Guidance interval"
+
+    def __post_init__(self):
+        _finite("sigma_low", self.sigma_low, 0.0, 1e4)
+        _finite("sigma_high", self.sigma_high, 0.0, 1e4)
+        if self.sigma_low >= self.sigma_high:
+            raise ValueError(f"sigma_low ({self.sigma_low}) must be below sigma_high ({self.sigma_high})")
+
+    def guidance_off(self, sigma: Optional[float], call_index: int) -> bool:
+        return sigma is not None and not (self.sigma_low < sigma <= self.sigma_high)

@@ -83,6 +83,8 @@ def plan_step(
     primary_term_needed: bool = True,
     keep_primary: bool = False,
     skip: Sequence[bool] = (),
+    guidance_off: bool = False,
+    force_uncond: bool = False,
 ) -> StepPlan:
     """Decide, before the model is called, which branches a step needs.
 
@@ -95,7 +97,11 @@ def plan_step(
     - An extra negative is predicted only inside its own window (never when ``skip[i]``).
     - The reference of the extra negatives is the unconditional branch when connected, else the
       primary negative.
+    - ``guidance_off`` (a rule's skipped step) predicts the positive alone; ``force_uncond`` (a
+      rule that needs the unconditional branch, e.g. Perp-Neg) predicts it on every guided step.
     """
+    if guidance_off:
+        return StepPlan(primary=False, uncond=False, extras=(), negative="positive", reference=None)
     skip = tuple(skip) or (False,) * len(extra_windows)
     extras = tuple(i for i, w in enumerate(extra_windows) if not skip[i] and w.contains(sigma))
     primary_active = has_primary and primary_window.contains(sigma)
@@ -111,5 +117,5 @@ def plan_step(
         negative = "uncond"
     else:
         negative = "positive"
-    uncond = negative == "uncond" or reference == "uncond"
+    uncond = negative == "uncond" or reference == "uncond" or (has_uncond and force_uncond)
     return StepPlan(primary=primary, uncond=uncond, extras=extras, negative=negative, reference=reference)

@@ -27,7 +27,7 @@ def test_only_the_primary_negative_gives_plain_cfg():
     spec = engine.GuidanceSpec()
     plan = spec.plan(None)
     assert (plan.primary, plan.uncond, plan.extras, plan.negative) == (True, False, (), "primary")
-    assert torch.equal(engine.guide(plan, 5.0, pos, primary=neg), neg + (pos - neg) * 5.0)
+    assert torch.equal(engine.combine_step(spec, plan, None, scale=5.0, pos=pos, primary=neg), neg + (pos - neg) * 5.0)
 
 
 def test_extra_negatives_follow_composable_not_against_the_reference():
@@ -37,7 +37,8 @@ def test_extra_negatives_follow_composable_not_against_the_reference():
     for has_uncond, ref in ((False, neg), (True, unc)):
         spec = engine.GuidanceSpec(extras=tuple(engine.ExtraNegative(w) for w in weights), has_uncond=has_uncond)
         plan = spec.plan(None)
-        got = engine.guide(plan, 6.0, pos, primary=neg, uncond=unc if has_uncond else None, extras=extras, weights=weights)
+        got = engine.combine_step(spec, plan, None, scale=6.0, pos=pos, primary=neg,
+                                  uncond=unc if has_uncond else None, extras=extras)
         want = neg + 6.0 * (pos - neg) - 2.0 * (extras[0] - ref) + 0.5 * (extras[1] - ref)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
@@ -58,8 +59,8 @@ def test_weight_zero_is_never_predicted_and_needs_no_sigma():
 @pytest.mark.parametrize("scale", [0.0, 1.0, 4.0, 30.0])
 def test_primary_negative_equal_to_positive_gives_the_positive(scale):
     pos = rand(1, 4, 8, 8, seed=1)
-    plan = engine.GuidanceSpec().plan(None)
-    assert torch.equal(engine.guide(plan, scale, pos, primary=pos.clone()), pos)
+    spec = engine.GuidanceSpec()
+    assert torch.equal(engine.combine_step(spec, spec.plan(None), None, scale=scale, pos=pos, primary=pos.clone()), pos)
 
 
 def test_window_decides_before_the_model_is_called():
@@ -78,8 +79,9 @@ def test_outside_its_window_the_primary_falls_back_to_the_unconditional():
     plan = spec.plan(9.0)
     assert (plan.primary, plan.uncond, plan.negative) == (False, True, "uncond")
     pos, unc = rand(1, 4, 4, 4, seed=1), rand(1, 4, 4, 4, seed=2)
-    assert torch.equal(engine.guide(plan, 3.0, pos, uncond=unc), unc + (pos - unc) * 3.0)
-    assert engine.guide(engine.GuidanceSpec(primary_window=SigmaWindow(5.0, 1.0)).plan(9.0), 3.0, pos).equal(pos)
+    assert torch.equal(engine.combine_step(spec, plan, None, scale=3.0, pos=pos, uncond=unc), unc + (pos - unc) * 3.0)
+    bare = engine.GuidanceSpec(primary_window=SigmaWindow(5.0, 1.0))
+    assert engine.combine_step(bare, bare.plan(9.0), None, scale=3.0, pos=pos).equal(pos)
 
 
 def test_extra_windows_and_their_reference():
@@ -108,15 +110,15 @@ def test_cfg_one_skips_the_primary_unless_it_is_needed():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_dtype_is_kept(dtype):
     pos, neg, ext = (rand(2, 4, 4, 4, seed=s, dtype=dtype) for s in (1, 2, 3))
-    plan = engine.GuidanceSpec(extras=(engine.ExtraNegative(1.5),)).plan(None)
-    out = engine.guide(plan, 7.0, pos, primary=neg, extras=[ext], weights=[1.5])
+    spec = engine.GuidanceSpec(extras=(engine.ExtraNegative(1.5),))
+    out = engine.combine_step(spec, spec.plan(None), None, scale=7.0, pos=pos, primary=neg, extras=[ext])
     assert out.dtype == dtype and torch.isfinite(out).all()
 
 
 def test_video_latents_work_unchanged():
     pos, neg, ext = (rand(1, 16, 3, 8, 8, seed=s) for s in (1, 2, 3))
-    plan = engine.GuidanceSpec(extras=(engine.ExtraNegative(1.0),)).plan(None)
-    out = engine.guide(plan, 5.0, pos, primary=neg, extras=[ext], weights=[1.0])
+    spec = engine.GuidanceSpec(extras=(engine.ExtraNegative(1.0),))
+    out = engine.combine_step(spec, spec.plan(None), None, scale=5.0, pos=pos, primary=neg, extras=[ext])
     torch.testing.assert_close(out, neg + 5.0 * (pos - neg) - (ext - neg))
 
 
@@ -138,6 +140,6 @@ def test_non_finite_weights_are_refused(weight):
 
 
 def test_guide_refuses_a_missing_prediction():
-    plan = engine.GuidanceSpec(extras=(engine.ExtraNegative(1.0),)).plan(None)
+    spec = engine.GuidanceSpec(extras=(engine.ExtraNegative(1.0),))
     with pytest.raises(ValueError, match="active extra negatives"):
-        engine.guide(plan, 2.0, rand(1, 4, 4, 4), primary=rand(1, 4, 4, 4), extras=[], weights=[1.0])
+        engine.combine_step(spec, spec.plan(None), None, scale=2.0, pos=rand(1, 4, 4, 4), primary=rand(1, 4, 4, 4))
