@@ -28,7 +28,7 @@ import comfy.samplers
 import node_helpers
 
 from ..samplers import rules
-from ..samplers.engine import ExtraNegative, GuidanceSpec, add_extras, negative_for
+from ..samplers.engine import ExtraNegative, GuidanceSpec, combine_step, negative_for
 from ..samplers.schedule import SigmaWindow, is_full_window
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,13 @@ class GuidanceRequest:
     negative_start_percent: float = 0.0
     negative_end_percent: float = 1.0
     unconditional: Optional[list] = None
+    rule: Optional[rules.CFG] = None
 
     @property
     def is_plain_cfg(self) -> bool:
         active = [e for e in self.extras if e.weight != 0.0]
-        return not active and is_full_window(self.negative_start_percent, self.negative_end_percent)
+        plain_rule = self.rule is None or type(self.rule) is rules.CFG
+        return not active and plain_rule and is_full_window(self.negative_start_percent, self.negative_end_percent)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -136,6 +138,14 @@ def validate_request(request: GuidanceRequest, positive=None, negative=None) -> 
         check_window(node, entry.start_percent, entry.end_percent, f"{name}.")
     if request.unconditional is not None:
         conditioning_width(request.unconditional, node, "unconditional")
+    if request.rule is not None and not isinstance(request.rule, rules.CFG):
+        raise InputError(node, "rule", "must come from one of this pack's rule nodes", type(request.rule).__name__)
+    if request.rule is not None and request.rule.needs_uncond and request.unconditional is None:
+        raise InputError(
+            node, "unconditional",
+            f"is required by the {request.rule.name} rule: connect an empty-prompt conditioning "
+            "(CLIPTextEncode with no text)",
+        )
     if positive is None:
         return
     if negative is not None:
@@ -184,6 +194,7 @@ def resolve_spec(request: GuidanceRequest, model_sampling) -> GuidanceSpec:
         primary_window=_sigma_window(model_sampling, request.negative_start_percent, request.negative_end_percent),
         extras=extras,
         has_uncond=request.unconditional is not None,
+        rule=request.rule if request.rule is not None else rules.CFG(),
     )
 
 
@@ -259,30 +270,46 @@ class _Run:
         self.guider = guider
         self.cfg1 = math.isclose(cfg, 1.0)
         self.node = node
-        self.weights = [e.weight for e in spec.extras]
+        self.state = spec.rule.new_state()
+        self.calls = 0
         self.prev_calc = None
         self.prev_cfg = None
         self.pending: Optional[_Step] = None
 
+    @property
+    def combines(self) -> bool:
+        """Whether this run needs its own cfg function (extra negatives, or a rule that owns the combine)."""
+        return self.spec.rule.owns_combine or any(e.weight != 0.0 for e in self.spec.extras)
+
     def install(self, model_options: dict) -> None:
         self.prev_calc = model_options.get("sampler_calc_cond_batch_function")
         model_options["sampler_calc_cond_batch_function"] = self.calc_cond_batch
-        if self.spec.extras:
-            self.prev_cfg = model_options.get("sampler_cfg_function")
-            if self.prev_cfg is not None:
-                log.info("%s: composing with the cfg function already on the model (%s)", self.node, _name(self.prev_cfg))
-            model_options["sampler_cfg_function"] = self.cfg_function
+        if not self.combines:
+            return
+        self.prev_cfg = model_options.get("sampler_cfg_function")
+        if self.prev_cfg is not None and self.spec.rule.owns_combine:
+            raise InputError(
+                self.node, "rule",
+                f"({self.spec.rule.name}) replaces the combine step, but another node already set one on this "
+                f"model ({_name(self.prev_cfg)}); remove that node or use the default rule",
+            )
+        if self.prev_cfg is not None:
+            log.info("%s: composing with the cfg function already on the model (%s)", self.node, _name(self.prev_cfg))
+        model_options["sampler_cfg_function"] = self.cfg_function
 
     def _plan(self, conds, sigma):
         # The one device->host read of the step, and only when a window makes the plan depend
         # on sigma; the host reads sigma the same way for every conditioning with a timestep range.
         s = float(sigma.reshape(-1)[0]) if self.spec.needs_sigma else None
-        return self.spec.plan(
+        plan = self.spec.plan(
             s,
             has_primary=self._primary_conds(conds) is not None,
             primary_term_needed=not self.cfg1,
             keep_primary=self.cfg1 and conds[1] is not None,
+            call_index=self.calls,
         )
+        self.calls += 1
+        return plan
 
     def _primary_conds(self, conds):
         # At cfg == 1 the host leaves the negative out; take it from the guider when a plan needs it.
@@ -306,7 +333,7 @@ class _Run:
         primary = out[1] if plan.primary else None
         extras = out[2:2 + len(extra_conds)]
         uncond = out[2 + len(extra_conds)] if plan.uncond else None
-        if self.spec.extras:
+        if self.combines:
             self.pending = _Step(x, plan, pos, primary, uncond, extras)
         return [pos, negative_for(plan, pos, primary, uncond)]
 
@@ -318,11 +345,14 @@ class _Run:
                 f"{self.node}: the cfg step ran without this pack's batched call before it; another node "
                 "replaced 'sampler_calc_cond_batch_function' during sampling"
             )
-        if self.prev_cfg is not None:
-            guided = x - self.prev_cfg(args)
-        else:
-            guided = rules.cfg(args["cond_denoised"], args["uncond_denoised"], args["cond_scale"])
-        out = add_extras(step.plan, guided, self.weights, step.extras, step.pos, step.primary, step.uncond)
+        prev = None if self.prev_cfg is None else (lambda pos, neg: x - self.prev_cfg(args))
+        sample_sigmas = args["model_options"].get("transformer_options", {}).get("sample_sigmas")
+        out = combine_step(
+            self.spec, step.plan, self.state,
+            scale=args["cond_scale"], pos=args["cond_denoised"], neg=args["uncond_denoised"],
+            primary=step.primary, uncond=step.uncond, extras=step.extras,
+            x=x, sigma=args["sigma"], sample_sigmas=sample_sigmas, primary_combine=prev,
+        )
         return x - out
 
 

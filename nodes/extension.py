@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import guidance
+from . import guidance, rules
 
 
 class NegativeGuidanceExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return list(guidance.NODES)
+        return list(guidance.NODES) + list(rules.NODES)

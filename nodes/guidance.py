@@ -20,6 +20,7 @@ from . import _host
 CATEGORY = "sampling/negative_guidance"
 
 Negatives = io.Custom("NG_NEGATIVES")
+Rule = io.Custom("NG_RULE")
 
 
 def _percent(name: str, default: float, tooltip: str) -> io.Float.Input:
@@ -47,13 +48,19 @@ def guidance_inputs() -> list:
         io.Conditioning.Input(
             "unconditional", optional=True,
             tooltip="Optional empty-prompt conditioning. It replaces the main negative outside its window "
-            "and is the reference the extra negatives push away from; without it the main negative is.",
+            "and is the reference the extra negatives push away from; without it the main negative is. "
+            "Perp-Neg and dynamic negative guidance need it.",
+        ),
+        Rule.Input(
+            "rule", optional=True,
+            tooltip="How the predictions are combined (a rule node: Perp-Neg, APG, rescale, CFG-Zero*, dynamic, "
+            "minimum sigma, interval). Empty: plain CFG.",
         ),
     ]
 
 
 def build_request(node: str, negatives=None, negative_start_percent=0.0, negative_end_percent=1.0,
-                  unconditional=None, positive=None, negative=None) -> _host.GuidanceRequest:
+                  unconditional=None, positive=None, negative=None, rule=None) -> _host.GuidanceRequest:
     """Validate the shared inputs and turn them into a request; nothing is mutated."""
     if negatives is not None and not isinstance(negatives, (list, tuple)):
         raise _host.InputError(node, "negatives", "must be a chain made by the Weighted Negative node",
@@ -64,6 +71,7 @@ def build_request(node: str, negatives=None, negative_start_percent=0.0, negativ
         negative_start_percent=negative_start_percent,
         negative_end_percent=negative_end_percent,
         unconditional=unconditional,
+        rule=rule,
     )
     _host.validate_request(request, positive=positive, negative=negative)
     return request
@@ -123,9 +131,9 @@ class NegativeGuidance(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, negative_start_percent, negative_end_percent, negatives=None,
-                unconditional=None) -> io.NodeOutput:
+                unconditional=None, rule=None) -> io.NodeOutput:
         request = build_request("NegativeGuidance", negatives, negative_start_percent, negative_end_percent,
-                                unconditional)
+                                unconditional, rule=rule)
         return io.NodeOutput(_host.apply_guidance(model, request))
 
 
@@ -150,11 +158,11 @@ class NegativeGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, negative_start_percent, negative_end_percent,
-                negatives=None, unconditional=None) -> io.NodeOutput:
+                negatives=None, unconditional=None, rule=None) -> io.NodeOutput:
         node = "NegativeGuider"
         _host.check_finite(node, "cfg", cfg)
         request = build_request(node, negatives, negative_start_percent, negative_end_percent,
-                                unconditional, positive, negative)
+                                unconditional, positive, negative, rule)
         guider = comfy.samplers.CFGGuider(_host.apply_guidance(model, request))
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
@@ -193,12 +201,12 @@ class NegativeGuidanceSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                 denoise, negative_start_percent, negative_end_percent, negatives=None,
-                unconditional=None) -> io.NodeOutput:
+                unconditional=None, rule=None) -> io.NodeOutput:
         node = "NegativeGuidanceSampler"
         _host.check_finite(node, "cfg", cfg)
         _host.check_finite(node, "denoise", denoise)
         request = build_request(node, negatives, negative_start_percent, negative_end_percent,
-                                unconditional, positive, negative)
+                                unconditional, positive, negative, rule)
         patched = _host.apply_guidance(model, request)
         host_nodes = importlib.import_module("nodes")  # the host's nodes.py, not this pack's package
         (latent,) = host_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive,

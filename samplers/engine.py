@@ -146,5 +146,6 @@ def combine_step(
             raise ValueError(f"the {spec.rule.name} rule owns the combine step; it cannot share it")
         return rules.composable_not(primary_combine(pos, neg), extras, weights, reference)
     inputs = rules.StepInputs(x=x, sigma=sigma, pos=pos, neg=neg, scale=scale, uncond=uncond, extras=extras,
-                              extra_weights=weights, reference=reference, sample_sigmas=sample_sigmas)
+                              extra_weights=weights, reference=reference, sample_sigmas=sample_sigmas,
+                              negative_role=plan.negative)
     return spec.rule.combine(inputs, state)
