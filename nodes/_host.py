@@ -224,8 +224,11 @@ class _OuterSample:
             guider.conds[EXTRA_COND_KEY.format(i)] = _as_negative(entry.conditioning)
         if self.request.unconditional is not None:
             guider.conds[UNCOND_COND_KEY] = _as_negative(self.request.unconditional)
-        _Run(spec, guider, float(getattr(guider, "cfg", math.nan)), node).install(guider.model_options)
-        return executor(*args, **kwargs)
+        run = _Run(spec, guider, float(getattr(guider, "cfg", math.nan)), node)
+        run.install(guider.model_options)
+        result = executor(*args, **kwargs)
+        run.report()
+        return result
 
     def _check_widths(self, positive_widths: set, negative_widths: set) -> None:
         if len(positive_widths) != 1:
@@ -272,6 +275,7 @@ class _Run:
         self.node = node
         self.state = spec.rule.new_state()
         self.calls = 0
+        self.branches = 0
         self.prev_calc = None
         self.prev_cfg = None
         self.pending: Optional[_Step] = None
@@ -309,7 +313,16 @@ class _Run:
             call_index=self.calls,
         )
         self.calls += 1
+        self.branches += plan.branches
         return plan
+
+    def report(self) -> None:
+        """Log what the run cost: model evaluations, and branches against two per evaluation."""
+        full = 2 * self.calls
+        log.info(
+            "%s (%s): %d model evaluations, %d branches predicted (plain CFG: %d; saved %d)",
+            self.node, self.spec.rule.name, self.calls, self.branches, full, max(full - self.branches, 0),
+        )
 
     def _primary_conds(self, conds):
         # At cfg == 1 the host leaves the negative out; take it from the guider when a plan needs it.

@@ -256,7 +256,7 @@ def _finite(name: str, value: float, low: float = -math.inf, high: float = math.
     return float(value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CFG:
     """Plain CFG with Composable-Diffusion NOT terms for extra negatives (the default rule)."""
 
@@ -275,7 +275,7 @@ class CFG:
         return composable_not(cfg(s.pos, s.neg, s.scale), s.extras, s.extra_weights, s.reference)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PerpNeg(CFG):
     """Perp-Neg (Armandpour et al. 2023). Needs the unconditional branch (the ``unconditional``
     input, an empty prompt); the main negative's weight is ``cfg * neg_scale`` as in ComfyUI's
@@ -295,7 +295,7 @@ class PerpNeg(CFG):
         return perp_neg(s.pos, s.uncond, negatives, weights, s.scale)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class APG(CFG):
     """Adaptive Projected Guidance (Sadat et al. 2024) on the main pair; extras add NOT terms.
 
@@ -323,7 +323,7 @@ class APG(CFG):
         return composable_not(guided, s.extras, s.extra_weights, s.reference)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Rescale(CFG):
     """CFG rescale (Lin et al. 2023), phi = 0.7 as the paper recommends, in v-prediction space."""
 
@@ -340,7 +340,7 @@ class Rescale(CFG):
         return from_v(s.x, v, s.sigma)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CFGZeroStar(CFG):
     """CFG-Zero* (Fan et al. 2025): optimised scale in the noise direction ``x - D`` and zero-init.
 
@@ -366,7 +366,7 @@ class CFGZeroStar(CFG):
         return torch.where(zero, s.x, guided)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class _Skipping(CFG):
     """A rule that turns guidance off on some steps and leaves the combine to ``inner``."""
 
@@ -392,7 +392,7 @@ class _Skipping(CFG):
         return self._rule.combine(s, state)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MinSigma(_Skipping):
     """AUTOMATIC1111's "negative guidance minimum sigma": below ``min_sigma`` the negative branches
     are skipped on every other model evaluation (A1111 counts evaluations, skipping odd ones), or on
@@ -411,7 +411,7 @@ class MinSigma(_Skipping):
         return self.all_steps or call_index % 2 == 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GuidanceInterval(_Skipping):
     """Guidance interval (Kynkäänniemi et al. 2024): guidance only for sigma in (sigma_low, sigma_high];
     elsewhere the positive prediction alone, one branch. The paper's SDXL interval is (0.28, 5.42]."""
@@ -430,7 +430,7 @@ class GuidanceInterval(_Skipping):
         return sigma is not None and not (self.sigma_low < sigma <= self.sigma_high)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DynamicNegative(CFG):
     """Dynamic Negative Guidance (Koulischer et al., ICLR 2025) with a positive prompt.
 
