@@ -76,3 +76,15 @@ def pack_nodes(host):
     import importlib as il
 
     return il.import_module(f"{PACK}.nodes.guidance")
+
+
+@pytest.fixture(scope="session")
+def host_nodes(host):
+    """The host's own nodes.py (KSampler, common_ksampler, NODE_CLASS_MAPPINGS)."""
+    return importlib.import_module("nodes")
+
+
+@pytest.fixture(scope="session")
+def custom(host):
+    """The host's custom-sampling nodes (CFGGuider, SamplerCustomAdvanced, BasicScheduler)."""
+    return importlib.import_module("comfy_extras.nodes_custom_sampler")

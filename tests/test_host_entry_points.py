@@ -16,16 +16,6 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def host_nodes(host):
-    return importlib.import_module("nodes")
-
-
-@pytest.fixture(scope="module")
-def custom(host):
-    return importlib.import_module("comfy_extras.nodes_custom_sampler")
-
-
-@pytest.fixture(scope="module")
 def conds():
     return {"pos": cond(1), "neg": cond(2), "extra": [cond(10 + i) for i in range(3)], "empty": cond(99)}
 

@@ -16,16 +16,6 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def host_nodes(host):
-    return importlib.import_module("nodes")
-
-
-@pytest.fixture(scope="module")
-def custom(host):
-    return importlib.import_module("comfy_extras.nodes_custom_sampler")
-
-
-@pytest.fixture(scope="module")
 def rule_nodes(host):
     return importlib.import_module("negative_guidance_pack.nodes.rules")
 
