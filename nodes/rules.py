@@ -127,10 +127,13 @@ class NegativeRuleDynamic(io.ComfyNode):
             "Dynamic negative guidance (Koulischer et al. 2025): the negative acts only as much as the sample "
             "seems to show it, by a running per-sample posterior. Needs the 'unconditional' input (empty prompt).",
             [
-                io.Float.Input("scale", default=1.0, min=0.0, max=1000.0, step=0.1,
-                               tooltip="Multiplier on the posterior odds p/(1-p) (0..1000)."),
+                io.Float.Input("scale", default=20.0, min=0.0, max=1000.0, step=0.1,
+                               tooltip="Multiplier on the posterior odds p/(1-p) (0..1000); the paper's Stable "
+                               "Diffusion runs use 12..27."),
                 io.Float.Input("prior", default=0.01, min=0.0, max=0.999999, step=0.001,
-                               tooltip="Starting posterior that the sample shows the negative (within p_min..p_max)."),
+                               tooltip="Share of images that would show the negative concept without it (within "
+                               "p_min..p_max): the starting posterior. Needs an ancestral or SDE sampler, whose "
+                               "noise is the evidence."),
                 io.Float.Input("temperature", default=1.0, min=0.0, max=100.0, step=0.01,
                                tooltip="Weight of the evidence per step (0..100); 1 = Bayes' rule."),
                 io.Float.Input("offset", default=0.0, min=-1000.0, max=1000.0, step=0.0001,

@@ -1,7 +1,7 @@
 """Combine rules: how one step's predictions become the guided prediction.
 
 Each rule is a pure function on tensors (any device, any dtype; reductions per sample over every
-non-batch dimension, in float32, cast back), wrapped by a small frozen class that validates its
+non-batch dimension, in float32, cast back, saturating at the dtype's range), wrapped by a small frozen class that validates its
 parameters at construction, says what the step plan needs from it (an unconditional branch, the
 step's sigma) and keeps its per-run state outside itself (``new_state()``), so one rule object can
 serve many runs. Everything works in *denoised* space (the host's pre/post-cfg space) unless the
@@ -38,16 +38,31 @@ def _per_sample(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return value.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def up(t: torch.Tensor) -> torch.Tensor:
+    """The precision the math runs in: float32, or float64 when the input already is."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def cast_back(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast a result to ``dtype``, saturating at its largest finite value instead of inf."""
+    if dtype == t.dtype or not dtype.is_floating_point:
+        return t.to(dtype)
+    limit = torch.finfo(dtype).max
+    if limit < torch.finfo(t.dtype).max:
+        t = t.clamp(-limit, limit)
+    return t.to(dtype)
+
+
 def project(v: torch.Tensor, onto: torch.Tensor):
     """Split ``v`` into its components parallel and orthogonal to ``onto``, per sample, in float32.
 
     A zero ``onto`` has no direction: the parallel part is then zero and ``v`` is all orthogonal.
     """
-    v32, o32 = v.float(), onto.float()
+    v32, o32 = up(v), up(onto)
     norm2 = _dot(o32, o32)
     coef = torch.where(norm2 > TINY, _dot(v32, o32) / norm2.clamp_min(TINY), torch.zeros_like(norm2))
     parallel = coef * o32
-    return parallel.to(v.dtype), (v32 - parallel).to(v.dtype)
+    return cast_back(parallel, v.dtype), cast_back(v32 - parallel, v.dtype)
 
 
 def to_noise(x: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
@@ -143,16 +158,16 @@ def apg(
     ``D_pos`` into parallel and orthogonal parts and ``D = D_pos + (scale - 1) * (orth + eta * par)``.
     At eta = 1, r = 0 (off) and no momentum this is plain CFG. Returns ``(D, running)``.
     """
-    diff = pos.float() - neg.float()
+    diff = up(pos) - up(neg)
     if momentum != 0.0:
         diff = diff if running is None else diff + momentum * running
         running = diff
     if norm_threshold > 0.0:
         norm = diff.norm(p=2, dim=_dims(diff), keepdim=True)
         diff = diff * torch.clamp(norm_threshold / norm.clamp_min(TINY), max=1.0)
-    parallel, orthogonal = project(diff, pos.float())
+    parallel, orthogonal = project(diff, up(pos))
     update = orthogonal + parallel * eta
-    return (pos.float() + update * (scale - 1.0)).to(pos.dtype), running
+    return cast_back(up(pos) + update * (scale - 1.0), pos.dtype), running
 
 
 def rescale(guided: torch.Tensor, pos: torch.Tensor, phi: float) -> torch.Tensor:
@@ -162,11 +177,11 @@ def rescale(guided: torch.Tensor, pos: torch.Tensor, phi: float) -> torch.Tensor
     dimension (unbiased, as the paper's code and ComfyUI compute it). Apply it in the space the
     model predicts in (the pack uses v-prediction space, as ComfyUI's RescaleCFG does).
     """
-    g32, p32 = guided.float(), pos.float()
+    g32, p32 = up(guided), up(pos)
     std_pos = p32.std(dim=_dims(p32), keepdim=True)
     std_cfg = g32.std(dim=_dims(g32), keepdim=True)
     ratio = torch.where(std_cfg > TINY, std_pos / std_cfg.clamp_min(TINY), torch.ones_like(std_cfg))
-    return (phi * g32 * ratio + (1.0 - phi) * g32).to(guided.dtype)
+    return cast_back(phi * g32 * ratio + (1.0 - phi) * g32, guided.dtype)
 
 
 def cfg_zero_star(pos: torch.Tensor, neg: torch.Tensor, scale: float) -> torch.Tensor:
@@ -176,10 +191,10 @@ def cfg_zero_star(pos: torch.Tensor, neg: torch.Tensor, scale: float) -> torch.T
     ``s* neg + scale * (pos - s* neg)``. Defined on flow-matching velocities; apply it in the
     noise direction ``x - D`` (sigma * velocity for flow models, where ``s*`` is the same).
     """
-    p32, n32 = pos.float(), neg.float()
+    p32, n32 = up(pos), up(neg)
     s_star = _dot(p32, n32) / (_dot(n32, n32) + 1e-8)
     scaled = n32 * s_star
-    return (scaled + (p32 - scaled) * scale).to(pos.dtype)
+    return cast_back(scaled + (p32 - scaled) * scale, pos.dtype)
 
 
 def dng_posterior(
@@ -197,35 +212,40 @@ def dng_posterior(
 ) -> torch.Tensor:
     """One step of Dynamic Negative Guidance's posterior tracking (Koulischer et al. 2025, sec. 3.3).
 
-    The sample moved from ``x_prev`` (at ``sigma_prev``) to ``x`` (at ``sigma``). Under the base
-    model the step's mean is the deterministic (DDIM/Euler) move towards ``base_prev``, under the
-    negative concept towards ``neg_prev``; the transition variance is the DDPM/ancestral one,
-    ``sigma^2 (sigma_prev^2 - sigma^2) / sigma_prev^2``. Both are measured in variance-preserving
-    scale (divided by ``1 + sigma^2``), the space of the authors' DDPM code. Then, per sample,
+    The sample moved from ``x_prev`` (at ``sigma_prev``) to ``x`` (at ``sigma``) by an ancestral
+    (DDPM) step: mean ``x_prev + (sigma_down - sigma_prev) * (x_prev - D) / sigma_prev`` and
+    variance ``sigma_up^2 = sigma^2 (sigma_prev^2 - sigma^2) / sigma_prev^2``, ``sigma_down^2 =
+    sigma^2 - sigma_up^2`` (k-diffusion's ``get_ancestral_step``), with ``D`` the base prediction
+    under the base model and the negative's under the negative concept. Both are measured in
+    variance-preserving scale (divided by ``1 + sigma^2``), the space of the authors' DDPM code.
+    The tracking needs the sampler's noise, as the paper's DDPM sampler has: a deterministic
+    sampler lands on the base mean, so the evidence always favours the base. Then, per sample,
     ``p <- clamp(p * exp((-temperature * delta + offset) / (2 var)), p_min, p_max)`` with
     ``delta = |x - mu_neg|^2 - |x - mu_base|^2`` (temperature 1, offset 0: Bayes' rule with the
     Gaussian likelihood ratio). A step that does not lower sigma leaves ``p`` unchanged.
     """
-    x32 = x.float()
+    x32 = up(x)
     s, s_prev = _per_sample(sigma, x32), _per_sample(sigma_prev, x32)
-    ratio = s / s_prev.clamp_min(TINY)
-    keep = x_prev.float() * ratio
-    mu_base = keep + base_prev.float() * (1.0 - ratio)
-    mu_neg = keep + neg_prev.float() * (1.0 - ratio)
+    var_up = s * s * (s_prev * s_prev - s * s) / (s_prev * s_prev).clamp_min(TINY)
+    ratio = (s * s - var_up).clamp_min(0.0).sqrt() / s_prev.clamp_min(TINY)  # sigma_down / sigma_prev
+    keep = up(x_prev) * ratio
+    mu_base = keep + up(base_prev) * (1.0 - ratio)
+    mu_neg = keep + up(neg_prev) * (1.0 - ratio)
     vp = 1.0 + s * s
-    var = s * s * (s_prev * s_prev - s * s) / (s_prev * s_prev).clamp_min(TINY) / vp
+    var = var_up / vp
     delta = (_dot(x32 - mu_neg, x32 - mu_neg) - _dot(x32 - mu_base, x32 - mu_base)) / vp
     exponent = (-temperature * delta + offset) / (2.0 * var.clamp_min(TINY))
-    updated = (p.float().reshape(delta.shape) * exponent.clamp(max=80.0).exp()).clamp(p_min, p_max)
+    updated = (up(p).reshape(delta.shape) * exponent.clamp(max=80.0).exp()).clamp(p_min, p_max)
     moved = var > TINY
-    return torch.where(moved, updated, p.float().reshape(delta.shape)).reshape(-1)
+    return torch.where(moved, updated, up(p).reshape(delta.shape)).reshape(-1)
 
 
 def dng(base: torch.Tensor, neg: torch.Tensor, p: torch.Tensor, scale: float) -> torch.Tensor:
     """Dynamic negative guidance's combine (Koulischer et al. 2025, eq. 10):
     ``D_base - scale * p / (1 - p) * (D_neg - D_base)``, ``p`` the per-sample posterior of the negative."""
-    odds = (p / (1.0 - p)).to(base.dtype)
-    return base - (neg - base) * _per_sample(odds, base) * scale
+    b32 = up(base)
+    odds = _per_sample(up(p) / (1.0 - up(p)), b32)
+    return cast_back(b32 - (up(neg) - b32) * odds * scale, base.dtype)
 
 
 # ---------------------------------------------------------------------------- rule objects
@@ -439,10 +459,12 @@ class DynamicNegative(CFG):
     posterior that the sample shows the negative concept. With a positive prompt the pack takes as
     base the positive's CFG against the empty prompt, ``D_u + cfg * (D_pos - D_u)`` (so it needs
     the ``unconditional`` input), and tracks ``p`` of the main negative against that base; extra
-    negatives add plain NOT terms. Defaults: the authors' code (scale 1, temperature 1, offset 0,
-    p in [1e-6, 0.99]) with prior 0.01, the value reported for their Stable Diffusion runs."""
+    negatives add plain NOT terms. Defaults: scale 20 and prior 0.01, within the values reported
+    for the paper's Stable Diffusion runs; temperature 1 and offset 0 (plain Bayes' rule) and p in
+    [1e-6, 0.99], the authors' code defaults. ``prior`` is the share of samples that show the
+    concept without the negative: the posterior is only calibrated when it is."""
 
-    scale: float = 1.0
+    scale: float = 20.0
     prior: float = 0.01
     temperature: float = 1.0
     offset: float = 0.0

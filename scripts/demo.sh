@@ -1,10 +1,7 @@
 #!/usr/bin/env bash
-# The main job: the pack's sampler against KSampler in the real host, on a tiny random model.
+# The main job: what a negative prompt does, on the analytic toy model (no ComfyUI, no weights).
+# Writes out/toy_demo.png and logs the figures it drew. Arguments go to bench/toy_demo.py.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [ -z "${COMFYUI_PATH:-}" ]; then
-  echo "COMFYUI_PATH must point at a ComfyUI checkout (see README)" >&2
-  exit 2
-fi
 source "$ROOT/scripts/setup_env.sh"
-exec "$VENV/bin/python" "$ROOT/bench/demo_host.py" "$@"
+exec "$VENV/bin/python" "$ROOT/bench/toy_demo.py" "$@"

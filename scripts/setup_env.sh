@@ -8,7 +8,7 @@ PY="${PYTHON:-python3}"
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
-"${PIP[@]}" "torch==2.13.0" "pytest==8.*" "hypothesis==6.*" "diffusers==0.35.2"
+"${PIP[@]}" "torch==2.13.0" "numpy>=1.25,<3" "pillow>=10" "pytest==8.*" "hypothesis==6.*" "diffusers==0.35.2"
 
 if [ -n "${COMFYUI_PATH:-}" ]; then
   if [ ! -f "$COMFYUI_PATH/requirements.txt" ]; then

@@ -111,8 +111,9 @@ def test_dng_posterior_is_bayes_with_gaussian_likelihoods():
     p0 = torch.tensor([0.2, 0.2])
     got = rules.dng_posterior(p0, x, s, x_prev, s_prev, base, negp, 1.0, 0.0, 0.0, 1.0)
     vp = 1 + 9.0
-    std = math.sqrt(9.0 * (25.0 - 9.0) / 25.0 / vp)
-    ratio = 3.0 / 5.0
+    var_up = 9.0 * (25.0 - 9.0) / 25.0
+    std = math.sqrt(var_up / vp)
+    ratio = math.sqrt(9.0 - var_up) / 5.0  # sigma_down / sigma_prev
     for i in range(2):
         mu_b = (x_prev[i] * ratio + base[i] * (1 - ratio)) / math.sqrt(vp)
         mu_n = (x_prev[i] * ratio + negp[i] * (1 - ratio)) / math.sqrt(vp)
@@ -126,7 +127,7 @@ def test_dng_posterior_is_bayes_with_gaussian_likelihoods():
 def test_dng_posterior_rises_when_the_sample_follows_the_negative():
     x_prev, base, negp = rand(1, 4, 8, 8, seed=1) * 5, rand(1, 4, 8, 8, seed=2), rand(1, 4, 8, 8, seed=3)
     s_prev, s = torch.tensor([5.0]), torch.tensor([4.0])
-    r = 4.0 / 5.0
+    r = math.sqrt(16.0 - 16.0 * 9.0 / 25.0) / 5.0  # sigma_down / sigma_prev
     towards_neg = x_prev * r + negp * (1 - r)
     towards_base = x_prev * r + base * (1 - r)
     p0 = torch.tensor([0.1])

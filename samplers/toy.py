@@ -1,0 +1,206 @@
+"""A model with known truth: an analytic denoiser for a labelled 2-D mixture of Gaussians.
+
+The "images" are points in the plane. Each concept is a Gaussian component; a prompt is a
+weighted set of components, and its data distribution is their mixture. For a mixture
+``p(x0) = sum_k pi_k N(mu_k, s_k^2 I)`` and the noisy point ``x = x0 + sigma * eps``, the exact
+clean-image prediction (Tweedie) is
+
+    D(x; sigma) = E[x0 | x] = sum_k r_k(x) * (mu_k + s_k^2 / (s_k^2 + sigma^2) * (x - mu_k)),
+    r_k(x) ∝ pi_k N(x; mu_k, (s_k^2 + sigma^2) I),
+
+so every guidance rule can be run on a model whose answer is known. "A man without mustache"
+is modelled the way a text encoder fails: its conditioning covers "man" *and* "mustache", with
+more weight on the mustache than "man" alone has. Sampling runs the pack's real engine and rules
+(``engine.GuidanceSpec`` / ``combine_step``, the functions the ComfyUI nodes call) with
+k-diffusion's Euler and Heun samplers (Karras et al. 2022, Algorithms 1-2) on a Karras schedule.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import torch
+
+from . import engine, rules
+from .schedule import SigmaWindow
+
+COMPONENTS: Dict[str, tuple] = {
+    # name: (mean, std)
+    "man": ((-1.6, 1.1), 0.45),
+    "man with mustache": ((-1.6, -1.1), 0.45),
+    "woman": ((1.6, 1.1), 0.45),
+    "cat": ((1.8, -1.4), 0.45),
+}
+
+PROMPTS: Dict[str, Dict[str, float]] = {
+    "": {name: 1.0 for name in COMPONENTS},  # the empty prompt: everything
+    "man": {"man": 1.0, "man with mustache": 1.0},
+    "man without mustache": {"man": 1.0, "man with mustache": 3.0},  # the encoder binds man + mustache
+    "mustache": {"man with mustache": 1.0},
+    "cat": {"cat": 1.0},  # an unrelated negative
+    "man with mustache, man": {"man": 1.0, "man with mustache": 2.0},  # a negative overlapping the positive
+    "man, clean-shaven": {"man": 1.0},  # the true target p(x | man, not mustache)
+}
+
+SIGMA_MIN, SIGMA_MAX = 0.02, 20.0
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """A Gaussian mixture in the plane with its exact denoiser."""
+
+    means: torch.Tensor  # [K, 2]
+    stds: torch.Tensor  # [K]
+    weights: torch.Tensor  # [K], sums to 1
+    names: tuple = ()
+
+    @classmethod
+    def for_prompt(cls, prompt: str, dtype=torch.float64) -> "Mixture":
+        if prompt not in PROMPTS:
+            raise KeyError(f"unknown toy prompt {prompt!r}; known: {sorted(PROMPTS)}")
+        parts = PROMPTS[prompt]
+        names = tuple(parts)
+        means = torch.tensor([COMPONENTS[n][0] for n in names], dtype=dtype)
+        stds = torch.tensor([COMPONENTS[n][1] for n in names], dtype=dtype)
+        w = torch.tensor([parts[n] for n in names], dtype=dtype)
+        return cls(means, stds, w / w.sum(), names)
+
+    def denoise(self, x: torch.Tensor, sigma) -> torch.Tensor:
+        """Exact ``E[x0 | x]`` at noise level ``sigma`` (a float or a per-point tensor)."""
+        x64 = x.to(self.means.dtype)
+        s = torch.as_tensor(sigma, dtype=x64.dtype, device=x64.device).reshape(-1, 1)
+        var = self.stds.to(x64.device) ** 2 + s ** 2  # [N or 1, K]
+        diff = x64[:, None, :] - self.means.to(x64.device)[None]  # [N, K, 2]
+        log_r = self.weights.to(x64.device).log() - (diff ** 2).sum(-1) / (2 * var) - torch.log(var)
+        r = torch.softmax(log_r, dim=1)  # the 2-D normal's normaliser is 1 / var, hence -log(var)
+        shrink = self.stds.to(x64.device) ** 2 / var  # [N or 1, K]
+        means = self.means.to(x64.device)[None] + shrink[..., None] * diff
+        return (r[..., None] * means).sum(1).to(x.dtype)
+
+    def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        k = torch.multinomial(self.weights.float(), n, replacement=True, generator=generator)
+        noise = torch.randn(n, 2, generator=generator, dtype=self.means.dtype)
+        return self.means[k] + noise * self.stds[k, None]
+
+    def mean(self) -> torch.Tensor:
+        return (self.weights[:, None] * self.means).sum(0)
+
+
+def component_of(x: torch.Tensor) -> list:
+    """The most likely concept of each clean point (equal priors): how a sample is labelled."""
+    names = list(COMPONENTS)
+    means = torch.tensor([COMPONENTS[n][0] for n in names], dtype=x.dtype)
+    stds = torch.tensor([COMPONENTS[n][1] for n in names], dtype=x.dtype)
+    d2 = ((x[:, None, :] - means[None]) ** 2).sum(-1)
+    log_p = -d2 / (2 * stds ** 2) - 2 * torch.log(stds)
+    return [names[i] for i in log_p.argmax(1).tolist()]
+
+
+def share_in(x: torch.Tensor, concept: str) -> float:
+    labels = component_of(x)
+    return sum(label == concept for label in labels) / max(len(labels), 1)
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: int = 0) -> float:
+    """Sliced 1-Wasserstein distance (Rabin et al. 2011) between two equal-size point sets."""
+    gen = torch.Generator().manual_seed(seed)
+    angles = torch.rand(projections, generator=gen, dtype=torch.float64) * math.pi
+    dirs = torch.stack([angles.cos(), angles.sin()], 1)
+    pa = (a.double() @ dirs.T).sort(0).values
+    pb = (b.double() @ dirs.T).sort(0).values
+    return float((pa - pb).abs().mean())
+
+
+def karras_sigmas(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = 7.0) -> list:
+    """Karras et al. (2022) eq. 5, with the final 0 appended as k-diffusion does."""
+    ramp = [i / max(steps - 1, 1) for i in range(steps)]
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return [(hi + r * (lo - hi)) ** rho for r in ramp] + [0.0]
+
+
+def percent_to_sigma(percent: float, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX) -> float:
+    """Schedule percent to sigma, log-linear between the ends as the host's EDM model sampling does."""
+    if percent <= 0.0:
+        return math.inf
+    if percent >= 1.0:
+        return -math.inf
+    return math.exp(math.log(sigma_max) * (1 - percent) + math.log(sigma_min) * percent)
+
+
+def window(start_percent: float = 0.0, end_percent: float = 1.0) -> SigmaWindow:
+    return SigmaWindow(percent_to_sigma(start_percent), percent_to_sigma(end_percent))
+
+
+@dataclass
+class ToyRun:
+    """What to sample: prompts, scale, rule, windows; and what it cost."""
+
+    positive: str = "man"
+    negative: str = ""
+    cfg: float = 5.0
+    rule: rules.CFG = field(default_factory=rules.CFG)
+    primary_window: SigmaWindow = field(default_factory=SigmaWindow)
+    extras: tuple = ()  # ((prompt, weight, SigmaWindow), ...)
+    unconditional: Optional[str] = None
+    branches: int = 0
+    evaluations: int = 0
+
+    def spec(self) -> engine.GuidanceSpec:
+        return engine.GuidanceSpec(
+            primary_window=self.primary_window,
+            extras=tuple(engine.ExtraNegative(w, win) for _, w, win in self.extras),
+            has_uncond=self.unconditional is not None,
+            rule=self.rule,
+        )
+
+
+def guided_denoiser(run: ToyRun, sample_sigmas: torch.Tensor) -> Callable:
+    """A k-diffusion-style model ``D(x, sigma)`` that plans, predicts and combines like the nodes do."""
+    spec, state = run.spec(), run.rule.new_state()
+    pos_m, neg_m = Mixture.for_prompt(run.positive), Mixture.for_prompt(run.negative)
+    unc_m = Mixture.for_prompt(run.unconditional) if run.unconditional is not None else None
+    extra_m = [Mixture.for_prompt(p) for p, _, _ in run.extras]
+
+    def model(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        plan = spec.plan(sigma, primary_term_needed=not math.isclose(run.cfg, 1.0), call_index=run.evaluations)
+        run.evaluations += 1
+        run.branches += plan.branches
+        pos = pos_m.denoise(x, sigma)
+        out = engine.combine_step(
+            spec, plan, state, scale=run.cfg, pos=pos,
+            primary=neg_m.denoise(x, sigma) if plan.primary else None,
+            uncond=unc_m.denoise(x, sigma) if plan.uncond else None,
+            extras=[extra_m[i].denoise(x, sigma) for i in plan.extras],
+            x=x, sigma=torch.full((x.shape[0],), sigma, dtype=x.dtype), sample_sigmas=sample_sigmas,
+        )
+        return out
+
+    return model
+
+
+SAMPLERS = ("euler", "heun", "euler_ancestral")
+
+
+def sample(run: ToyRun, n: int = 2000, steps: int = 30, sampler: str = "euler", seed: int = 0) -> torch.Tensor:
+    """Draw ``n`` points with k-diffusion's Euler, Heun (Karras et al. 2022, Alg. 1-2) or Euler
+    ancestral sampler (eta 1, as k-diffusion's ``sample_euler_ancestral``)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    sigmas = karras_sigmas(steps)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=gen, dtype=torch.float64) * sigmas[0]
+    model = guided_denoiser(run, torch.tensor(sigmas, dtype=torch.float64))
+    for sigma, nxt in zip(sigmas[:-1], sigmas[1:]):
+        d = (x - model(x, sigma)) / sigma
+        if sampler == "euler_ancestral":
+            up = math.sqrt(nxt ** 2 * (sigma ** 2 - nxt ** 2) / sigma ** 2) if nxt > 0 else 0.0
+            down = math.sqrt(nxt ** 2 - up ** 2)
+            x = x + d * (down - sigma) + torch.randn(x.shape, generator=gen, dtype=x.dtype) * up
+            continue
+        x_next = x + d * (nxt - sigma)
+        if sampler == "heun" and nxt > 0:
+            d2 = (x_next - model(x_next, nxt)) / nxt
+            x_next = x + (d + d2) / 2 * (nxt - sigma)
+        x = x_next
+    return x
