@@ -30,6 +30,7 @@ import node_helpers
 from ..samplers import rules
 from ..samplers.engine import ExtraNegative, GuidanceSpec, combine_step, negative_for
 from ..samplers.schedule import SigmaWindow, is_full_window
+from ..samplers.trace import Trace
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,14 @@ class GuidanceRequest:
     negative_end_percent: float = 1.0
     unconditional: Optional[list] = None
     rule: Optional[rules.CFG] = None
+    trace: Optional[Trace] = None
 
     @property
     def is_plain_cfg(self) -> bool:
         active = [e for e in self.extras if e.weight != 0.0]
         plain_rule = self.rule is None or type(self.rule) is rules.CFG
-        return not active and plain_rule and is_full_window(self.negative_start_percent, self.negative_end_percent)
+        window = is_full_window(self.negative_start_percent, self.negative_end_percent)
+        return not active and plain_rule and window and self.trace is None
 
 
 # ---------------------------------------------------------------------------- validation
@@ -224,10 +227,18 @@ class _OuterSample:
             guider.conds[EXTRA_COND_KEY.format(i)] = _as_negative(entry.conditioning)
         if self.request.unconditional is not None:
             guider.conds[UNCOND_COND_KEY] = _as_negative(self.request.unconditional)
-        run = _Run(spec, guider, float(getattr(guider, "cfg", math.nan)), node)
+        trace = self.request.trace
+        if trace is not None:
+            trace.reset(rule=spec.rule.name)
+            latent_format = guider.model_patcher.get_model_object("latent_format")
+            trace.meta.update(latent_format=latent_format, rgb_factors=getattr(latent_format, "latent_rgb_factors", None),
+                              rgb_bias=getattr(latent_format, "latent_rgb_factors_bias", None))
+        run = _Run(spec, guider, float(getattr(guider, "cfg", math.nan)), node, trace)
         run.install(guider.model_options)
         result = executor(*args, **kwargs)
         run.report()
+        if trace is not None:
+            trace.finish(result)
         return result
 
     def _check_widths(self, positive_widths: set, negative_widths: set) -> None:
@@ -268,8 +279,9 @@ class _Step:
 class _Run:
     """The hooks of one sampling run; lives in that run's copy of the model options only."""
 
-    def __init__(self, spec: GuidanceSpec, guider, cfg: float, node: str):
+    def __init__(self, spec: GuidanceSpec, guider, cfg: float, node: str, trace: Optional[Trace] = None):
         self.spec = spec
+        self.trace = trace
         self.guider = guider
         self.cfg1 = math.isclose(cfg, 1.0)
         self.node = node
@@ -283,7 +295,7 @@ class _Run:
     @property
     def combines(self) -> bool:
         """Whether this run needs its own cfg function (extra negatives, or a rule that owns the combine)."""
-        return self.spec.rule.owns_combine or any(e.weight != 0.0 for e in self.spec.extras)
+        return self.trace is not None or self.spec.rule.owns_combine or any(e.weight != 0.0 for e in self.spec.extras)
 
     def install(self, model_options: dict) -> None:
         self.prev_calc = model_options.get("sampler_calc_cond_batch_function")
@@ -366,6 +378,10 @@ class _Run:
             primary=step.primary, uncond=step.uncond, extras=step.extras,
             x=x, sigma=args["sigma"], sample_sigmas=sample_sigmas, primary_combine=prev,
         )
+        if self.trace is not None:
+            guided_neg = None if step.plan.negative == "positive" else args["uncond_denoised"]
+            self.trace.record(x, args["sigma"], args["cond_denoised"], guided_neg, out,
+                              negative=step.plan.negative, extras=len(step.plan.extras))
         return x - out
 
 

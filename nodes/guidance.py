@@ -15,12 +15,26 @@ import importlib
 import comfy.samplers
 from comfy_api.latest import io
 
+from ..samplers.trace import Trace
 from . import _host
 
 CATEGORY = "sampling/negative_guidance"
 
 Negatives = io.Custom("NG_NEGATIVES")
 Rule = io.Custom("NG_RULE")
+TraceType = io.Custom("NG_TRACE")
+
+
+def trace_input() -> io.Boolean.Input:
+    return io.Boolean.Input(
+        "record_trace", default=False, optional=True,
+        tooltip="Record small per-step previews and statistics for the Guidance Visualizer (off: nothing recorded, "
+        "no cost).",
+    )
+
+
+def new_trace(record_trace) -> "Trace | None":
+    return Trace() if record_trace else None
 
 
 def _percent(name: str, default: float, tooltip: str) -> io.Float.Input:
@@ -60,7 +74,7 @@ def guidance_inputs() -> list:
 
 
 def build_request(node: str, negatives=None, negative_start_percent=0.0, negative_end_percent=1.0,
-                  unconditional=None, positive=None, negative=None, rule=None) -> _host.GuidanceRequest:
+                  unconditional=None, positive=None, negative=None, rule=None, trace=None) -> _host.GuidanceRequest:
     """Validate the shared inputs and turn them into a request; nothing is mutated."""
     if negatives is not None and not isinstance(negatives, (list, tuple)):
         raise _host.InputError(node, "negatives", "must be a chain made by the Weighted Negative node",
@@ -72,6 +86,7 @@ def build_request(node: str, negatives=None, negative_start_percent=0.0, negativ
         negative_end_percent=negative_end_percent,
         unconditional=unconditional,
         rule=rule,
+        trace=trace,
     )
     _host.validate_request(request, positive=positive, negative=negative)
     return request
@@ -152,21 +167,24 @@ class NegativeGuider(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="The main negative prompt: what the steps move away from."),
                 io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale: D_neg + cfg * (D_pos - D_neg)."),
-            ] + guidance_inputs(),
-            outputs=[io.Guider.Output(tooltip="A guider for SamplerCustomAdvanced.")],
+            ] + guidance_inputs() + [trace_input()],
+            outputs=[io.Guider.Output(tooltip="A guider for SamplerCustomAdvanced."),
+                     TraceType.Output(display_name="trace", tooltip="Filled when SamplerCustomAdvanced runs this "
+                                      "guider with record_trace on; connect it to the Guidance Visualizer.")],
         )
 
     @classmethod
     def execute(cls, model, positive, negative, cfg, negative_start_percent, negative_end_percent,
-                negatives=None, unconditional=None, rule=None) -> io.NodeOutput:
+                negatives=None, unconditional=None, rule=None, record_trace=False) -> io.NodeOutput:
         node = "NegativeGuider"
         _host.check_finite(node, "cfg", cfg)
+        trace = new_trace(record_trace)
         request = build_request(node, negatives, negative_start_percent, negative_end_percent,
-                                unconditional, positive, negative, rule)
+                                unconditional, positive, negative, rule, trace)
         guider = comfy.samplers.CFGGuider(_host.apply_guidance(model, request))
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
-        return io.NodeOutput(guider)
+        return io.NodeOutput(guider, trace)
 
 
 class NegativeGuidanceSampler(io.ComfyNode):
@@ -194,24 +212,27 @@ class NegativeGuidanceSampler(io.ComfyNode):
                 io.Latent.Input("latent_image", tooltip="The latent to denoise."),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="How much of the schedule to run; below 1 keeps the input's structure."),
-            ] + guidance_inputs(),
-            outputs=[io.Latent.Output(tooltip="The denoised latent.")],
+            ] + guidance_inputs() + [trace_input()],
+            outputs=[io.Latent.Output(tooltip="The denoised latent."),
+                     TraceType.Output(display_name="trace", tooltip="With record_trace on, what the guidance did at "
+                                      "each step; connect it to the Guidance Visualizer.")],
         )
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image,
                 denoise, negative_start_percent, negative_end_percent, negatives=None,
-                unconditional=None, rule=None) -> io.NodeOutput:
+                unconditional=None, rule=None, record_trace=False) -> io.NodeOutput:
         node = "NegativeGuidanceSampler"
         _host.check_finite(node, "cfg", cfg)
         _host.check_finite(node, "denoise", denoise)
+        trace = new_trace(record_trace)
         request = build_request(node, negatives, negative_start_percent, negative_end_percent,
-                                unconditional, positive, negative, rule)
+                                unconditional, positive, negative, rule, trace)
         patched = _host.apply_guidance(model, request)
         host_nodes = importlib.import_module("nodes")  # the host's nodes.py, not this pack's package
         (latent,) = host_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive,
                                                negative, latent_image, denoise=denoise)
-        return io.NodeOutput(latent)
+        return io.NodeOutput(latent, trace)
 
 
 NODES = [NegativeGuidance, NegativeGuider, NegativeGuidanceSampler, WeightedNegative]

@@ -204,7 +204,9 @@ def _prev(tokens: Sequence[Token], k: int) -> int:
 
 
 def _guarded(cue: str, tokens: Sequence[Token], q: int) -> bool:
-    """True when the cue at hand is a fixed phrase or has nothing to negate."""
+    """True when the cue at hand is a fixed phrase ("no one", "without a doubt") or has nothing to negate."""
+    while q < len(tokens) and tokens[q].low in ARTICLES and _next(tokens, q + 1) < len(tokens):
+        q = _next(tokens, q + 1)
     if q >= len(tokens) or tokens[q].kind in ("punct", "quote"):
         return True
     t = tokens[q]
@@ -381,6 +383,8 @@ def _simple_list(tokens: Sequence[Token]) -> Optional[Tuple[List[str], bool]]:
             return None
         cur.append(t)
     items.append(_items_text(cur))
+    if items and not items[0] and _next(tokens, 0) < len(tokens) and tokens[_next(tokens, 0)].low in JOINERS:
+        items = items[1:]  # ", or glasses": the Oxford comma before the closing joiner
     items = [_strip_articles(i) for i in items]
     if not all(items) or any(len(i.split()) > 3 for i in items):
         return None

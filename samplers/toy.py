@@ -45,6 +45,30 @@ PROMPTS: Dict[str, Dict[str, float]] = {
 
 SIGMA_MIN, SIGMA_MAX = 0.02, 20.0
 
+IMAGE_SIZE, IMAGE_STD = 24, 0.1
+
+
+def image_template(concept: str, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """A [3, size, size] toy picture in [-1, 1] for a concept: a face, the same face with a mustache,
+    a face with long hair, a cat's head. Only the mustache differs between the first two."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    img = torch.full((3, size, size), -0.6)
+    face = (xx ** 2 + (yy / 1.15) ** 2) < 0.62
+    skin = torch.tensor([0.8, 0.45, 0.2])
+    img[:, face] = skin[:, None]
+    for ex in (-0.3, 0.3):  # eyes
+        img[:, ((xx - ex) ** 2 + (yy + 0.22) ** 2) < 0.012] = -0.9
+    if concept == "man with mustache":
+        img[:, (yy > 0.2) & (yy < 0.34) & (xx.abs() < 0.38)] = torch.tensor([-0.8, -0.85, -0.9])[:, None]
+    elif concept == "woman":
+        hair = ((xx.abs() > 0.55) & (xx.abs() < 0.85) & (yy > -0.6)) | ((yy < -0.55) & face.logical_not() & (xx.abs() < 0.85))
+        img[:, hair] = torch.tensor([0.2, -0.3, -0.7])[:, None]
+    elif concept == "cat":
+        for ex in (-0.45, 0.45):  # ears
+            img[:, ((yy + 0.75 - (xx - ex).abs() * 1.2) > 0) & (yy < -0.45) & ((xx - ex).abs() < 0.3)] = skin[:, None]
+        img[:, (yy > 0.22) & (yy < 0.26) & (xx.abs() > 0.2) & (xx.abs() < 0.75)] = -0.9  # whiskers
+    return img
+
 
 @dataclass(frozen=True)
 class Mixture:
@@ -56,31 +80,37 @@ class Mixture:
     names: tuple = ()
 
     @classmethod
-    def for_prompt(cls, prompt: str, dtype=torch.float64) -> "Mixture":
+    def for_prompt(cls, prompt: str, dtype=torch.float64, images: bool = False) -> "Mixture":
+        """The prompt's mixture over points in the plane, or (``images``) over the toy images."""
         if prompt not in PROMPTS:
             raise KeyError(f"unknown toy prompt {prompt!r}; known: {sorted(PROMPTS)}")
         parts = PROMPTS[prompt]
         names = tuple(parts)
-        means = torch.tensor([COMPONENTS[n][0] for n in names], dtype=dtype)
-        stds = torch.tensor([COMPONENTS[n][1] for n in names], dtype=dtype)
+        if images:
+            means = torch.stack([image_template(n).flatten() for n in names]).to(dtype)
+            stds = torch.full((len(names),), IMAGE_STD, dtype=dtype)
+        else:
+            means = torch.tensor([COMPONENTS[n][0] for n in names], dtype=dtype)
+            stds = torch.tensor([COMPONENTS[n][1] for n in names], dtype=dtype)
         w = torch.tensor([parts[n] for n in names], dtype=dtype)
         return cls(means, stds, w / w.sum(), names)
 
     def denoise(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        """Exact ``E[x0 | x]`` at noise level ``sigma`` (a float or a per-point tensor)."""
+        """Exact ``E[x0 | x]`` at noise level ``sigma`` (a float or a per-point tensor); ``x`` is [N, D]."""
         x64 = x.to(self.means.dtype)
         s = torch.as_tensor(sigma, dtype=x64.dtype, device=x64.device).reshape(-1, 1)
         var = self.stds.to(x64.device) ** 2 + s ** 2  # [N or 1, K]
-        diff = x64[:, None, :] - self.means.to(x64.device)[None]  # [N, K, 2]
-        log_r = self.weights.to(x64.device).log() - (diff ** 2).sum(-1) / (2 * var) - torch.log(var)
-        r = torch.softmax(log_r, dim=1)  # the 2-D normal's normaliser is 1 / var, hence -log(var)
+        diff = x64[:, None, :] - self.means.to(x64.device)[None]  # [N, K, D]
+        dim = x64.shape[-1]
+        log_r = self.weights.to(x64.device).log() - (diff ** 2).sum(-1) / (2 * var) - 0.5 * dim * torch.log(var)
+        r = torch.softmax(log_r, dim=1)  # the D-dimensional normal's normaliser is var^(-D/2)
         shrink = self.stds.to(x64.device) ** 2 / var  # [N or 1, K]
         means = self.means.to(x64.device)[None] + shrink[..., None] * diff
         return (r[..., None] * means).sum(1).to(x.dtype)
 
     def sample(self, n: int, generator: torch.Generator) -> torch.Tensor:
         k = torch.multinomial(self.weights.float(), n, replacement=True, generator=generator)
-        noise = torch.randn(n, 2, generator=generator, dtype=self.means.dtype)
+        noise = torch.randn(n, self.means.shape[1], generator=generator, dtype=self.means.dtype)
         return self.means[k] + noise * self.stds[k, None]
 
     def mean(self) -> torch.Tensor:
@@ -155,25 +185,31 @@ class ToyRun:
         )
 
 
-def guided_denoiser(run: ToyRun, sample_sigmas: torch.Tensor) -> Callable:
+def guided_denoiser(run: ToyRun, sample_sigmas: torch.Tensor, images: bool = False, trace=None) -> Callable:
     """A k-diffusion-style model ``D(x, sigma)`` that plans, predicts and combines like the nodes do."""
     spec, state = run.spec(), run.rule.new_state()
-    pos_m, neg_m = Mixture.for_prompt(run.positive), Mixture.for_prompt(run.negative)
-    unc_m = Mixture.for_prompt(run.unconditional) if run.unconditional is not None else None
-    extra_m = [Mixture.for_prompt(p) for p, _, _ in run.extras]
+    mix = lambda prompt: Mixture.for_prompt(prompt, images=images)  # noqa: E731
+    pos_m, neg_m = mix(run.positive), mix(run.negative)
+    unc_m = mix(run.unconditional) if run.unconditional is not None else None
+    extra_m = [mix(p) for p, _, _ in run.extras]
+    as_image = (lambda t: t.reshape(t.shape[0], 3, IMAGE_SIZE, IMAGE_SIZE)) if images else (lambda t: t)  # noqa: E731
 
     def model(x: torch.Tensor, sigma: float) -> torch.Tensor:
         plan = spec.plan(sigma, primary_term_needed=not math.isclose(run.cfg, 1.0), call_index=run.evaluations)
         run.evaluations += 1
         run.branches += plan.branches
         pos = pos_m.denoise(x, sigma)
+        primary = neg_m.denoise(x, sigma) if plan.primary else None
+        uncond = unc_m.denoise(x, sigma) if plan.uncond else None
         out = engine.combine_step(
-            spec, plan, state, scale=run.cfg, pos=pos,
-            primary=neg_m.denoise(x, sigma) if plan.primary else None,
-            uncond=unc_m.denoise(x, sigma) if plan.uncond else None,
+            spec, plan, state, scale=run.cfg, pos=pos, primary=primary, uncond=uncond,
             extras=[extra_m[i].denoise(x, sigma) for i in plan.extras],
             x=x, sigma=torch.full((x.shape[0],), sigma, dtype=x.dtype), sample_sigmas=sample_sigmas,
         )
+        if trace is not None:
+            neg = None if plan.negative == "positive" else engine.negative_for(plan, pos, primary, uncond)
+            trace.record(as_image(x), torch.tensor([sigma]), as_image(pos), None if neg is None else as_image(neg),
+                         as_image(out), negative=plan.negative, extras=len(plan.extras))
         return out
 
     return model
@@ -182,15 +218,19 @@ def guided_denoiser(run: ToyRun, sample_sigmas: torch.Tensor) -> Callable:
 SAMPLERS = ("euler", "heun", "euler_ancestral")
 
 
-def sample(run: ToyRun, n: int = 2000, steps: int = 30, sampler: str = "euler", seed: int = 0) -> torch.Tensor:
+def sample(run: ToyRun, n: int = 2000, steps: int = 30, sampler: str = "euler", seed: int = 0,
+           images: bool = False, trace=None) -> torch.Tensor:
     """Draw ``n`` points with k-diffusion's Euler, Heun (Karras et al. 2022, Alg. 1-2) or Euler
-    ancestral sampler (eta 1, as k-diffusion's ``sample_euler_ancestral``)."""
+    ancestral sampler (eta 1, as k-diffusion's ``sample_euler_ancestral``). With ``images`` the
+    samples are toy pictures (flattened [3, IMAGE_SIZE, IMAGE_SIZE]); a ``trace.Trace`` records
+    every evaluation as the ComfyUI nodes do."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     sigmas = karras_sigmas(steps)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 2, generator=gen, dtype=torch.float64) * sigmas[0]
-    model = guided_denoiser(run, torch.tensor(sigmas, dtype=torch.float64))
+    dim = 3 * IMAGE_SIZE * IMAGE_SIZE if images else 2
+    x = torch.randn(n, dim, generator=gen, dtype=torch.float64) * sigmas[0]
+    model = guided_denoiser(run, torch.tensor(sigmas, dtype=torch.float64), images=images, trace=trace)
     for sigma, nxt in zip(sigmas[:-1], sigmas[1:]):
         d = (x - model(x, sigma)) / sigma
         if sampler == "euler_ancestral":

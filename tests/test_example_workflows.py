@@ -1,6 +1,7 @@
 """The example workflows name real nodes and inputs (a full run on a real server is issue 7's)."""
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 from pathlib import Path
@@ -28,7 +29,9 @@ def test_ui_workflow_links_are_consistent(path):
 
 
 def _schemas(pack_nodes):
-    return {cls.define_schema().node_id: cls.define_schema() for cls in pack_nodes.NODES}
+    extension = importlib.import_module("negative_guidance_pack.nodes.extension")
+    nodes = asyncio.run(extension.NegativeGuidanceExtension().get_node_list())
+    return {cls.define_schema().node_id: cls.define_schema() for cls in nodes}
 
 
 @pytest.mark.parametrize("path", API, ids=[p.stem for p in API])
@@ -48,7 +51,7 @@ def test_api_workflow_uses_existing_nodes_and_inputs(host, pack_nodes, path):
 
 
 @pytest.mark.parametrize("path", UI, ids=[p.stem for p in UI])
-def test_ui_widget_values_fit_the_pack_nodes(pack_nodes, path):
+def test_ui_widget_values_fit_the_pack_nodes(host, pack_nodes, path):
     ours = _schemas(pack_nodes)
     for node in json.loads(path.read_text())["nodes"]:
         schema = ours.get(node["type"])

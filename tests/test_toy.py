@@ -81,3 +81,20 @@ def test_sliced_wasserstein_is_zero_for_the_same_set_and_grows_with_a_shift():
     pts = toy.Mixture.for_prompt("man").sample(500, torch.Generator().manual_seed(0))
     assert toy.sliced_wasserstein(pts, pts) == 0.0
     assert toy.sliced_wasserstein(pts, pts + torch.tensor([1.0, 0.0], dtype=pts.dtype)) > 0.5
+
+
+def test_toy_pictures_differ_only_by_the_mustache_and_the_trace_finds_it():
+    from negative_guidance_pack.nodes import drawing
+    from negative_guidance_pack.samplers.trace import Trace
+
+    man, mustache = toy.image_template("man"), toy.image_template("man with mustache")
+    rows = (man - mustache).abs().sum((0, 2)).nonzero().flatten()
+    assert 0 < len(rows) < toy.IMAGE_SIZE // 3
+    trace = Trace(preview_size=32)
+    run = toy.ToyRun("man", "mustache", 4.0)
+    toy.sample(run, n=1, steps=10, images=True, trace=trace)
+    trace.finish()
+    assert len(trace.steps) == 10 and trace.stats.shape == (10, 4)
+    mag = drawing.magnitude(trace.steps[2].guided[0].float() - trace.steps[2].pos[0].float())
+    peak_row = int(mag.max(1).argmax())
+    assert int(rows.min()) <= peak_row <= int(rows.max())

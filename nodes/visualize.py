@@ -1,0 +1,72 @@
+"""GuidanceVisualizer: per-step pictures of what the negative prompt did, and a chart of the run.
+
+Takes the trace recorded by NegativeGuidanceSampler or NegativeGuider (``record_trace`` on) and
+the sampler's LATENT (which makes the graph run it after sampling and ties the trace to that run).
+Drawing lives in ``drawing.py`` (pure); this module only decodes previews and checks input.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..samplers.trace import Trace, fingerprint
+from . import _host, drawing
+from .guidance import CATEGORY, TraceType
+
+log = logging.getLogger(__name__)
+NODE = "GuidanceVisualizer"
+
+
+def check_trace(trace, latent) -> Trace:
+    if trace is None:
+        raise _host.InputError(NODE, "trace", "is empty: turn on 'record_trace' on the sampler or guider that made it")
+    if not isinstance(trace, Trace):
+        raise _host.InputError(NODE, "trace", "must come from NegativeGuidanceSampler or NegativeGuider", type(trace).__name__)
+    if not trace.steps or trace.stats is None:
+        raise _host.InputError(NODE, "trace", "holds no recorded step: its sampler has not run yet")
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor):
+        raise _host.InputError(NODE, "latent", "must be the LATENT output of the sampler that recorded the trace")
+    if trace.fingerprint is not None and fingerprint(samples) != trace.fingerprint:
+        raise _host.InputError(
+            NODE, "latent",
+            "does not come from the run this trace recorded (a trace from another run): connect the LATENT of the "
+            "same sampler",
+        )
+    return trace
+
+
+class GuidanceVisualizer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=NODE,
+            display_name="Guidance Visualizer",
+            category=CATEGORY,
+            description="Shows, step by step, the positive, negative and guided predictions and a heatmap of where "
+            "the negative term moved the image, over a chart of the run's statistics (grey: negative active).",
+            inputs=[
+                TraceType.Input("trace", tooltip="The trace from NegativeGuidanceSampler or NegativeGuider with "
+                                "record_trace on."),
+                io.Latent.Input("latent", tooltip="The LATENT of the sampler that recorded the trace; it makes this "
+                                "node run after sampling and checks the trace belongs to that run."),
+                io.Int.Input("steps", default=6, min=1, max=64,
+                             tooltip="How many steps to show as strips (1..64), spread over the run."),
+                io.Vae.Input("vae", optional=True, tooltip="Decode the previews with this VAE (slower, sharper). "
+                             "Without it the model's fast latent-to-RGB preview is used."),
+            ],
+            outputs=[io.Image.Output(tooltip="The strips over the chart, as an image.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, trace, latent, steps, vae=None) -> io.NodeOutput:
+        if not isinstance(steps, int) or steps < 1:
+            raise _host.InputError(NODE, "steps", "must be a whole number of at least 1", steps)
+        image = drawing.render(check_trace(trace, latent), steps, vae)
+        return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))
+
+
+NODES = [GuidanceVisualizer]
