@@ -197,7 +197,8 @@ class EntryDiff:
         return [int(i) for i in order[:k]]
 
 
-def diff_entry(index: int, a: torch.Tensor, b: torch.Tensor, extra_a: dict, extra_b: dict) -> Tuple[EntryDiff, torch.Tensor, torch.Tensor]:
+def diff_entry(index: int, a: torch.Tensor, b: torch.Tensor, extra_a: dict,
+               extra_b: dict) -> Tuple[EntryDiff, torch.Tensor, torch.Tensor]:
     """Align one pair and measure it; returns the diff and the aligned tensors."""
     a2, b2 = align(a, b)
     ra, rb = repeat_factors(a.shape[1], b.shape[1])
@@ -231,7 +232,8 @@ def format_report(entries: Sequence[EntryDiff], overall: float, mode: str, scale
     """A plain-text report: overall cosine, then per entry the largest distances and every token."""
     lines = [
         f"ConditioningDiff: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}; output = "
-        + (f"a - {scale:g} * b" if mode == "subtract" else f"a with {scale:g} x its component along b removed, per token"),
+        + (f"a - {scale:g} * b" if mode == "subtract"
+           else f"a with {scale:g} x its component along b removed, per token"),
         f"overall cosine similarity: {overall:.4f}  (1 = same direction; distance per token = 1 - cos)",
     ]
     for e in entries:
@@ -383,6 +385,7 @@ def _draw_labels(img, top: int, entry: EntryDiff, lay: Layout, ymax: float) -> N
             draw.text((xa, y1 + 5), str(t), font=small, fill=AXIS)
     d = entry.stats.cosine_distance
     peak = float(d.max()) if d.size else 0.0
+    placed: List[Tuple[int, int, int]] = []  # x0, x1, y of the names already drawn
     for t in entry.top(3):
         v = float(d[t])
         if v <= 1e-9 or v < 0.25 * peak:
@@ -391,8 +394,13 @@ def _draw_labels(img, top: int, entry: EntryDiff, lay: Layout, ymax: float) -> N
         h = int(round((lay.plot_bottom - lay.plot_top) * v / ymax))
         text = f"{entry.labels[t][:14]} {v:.3f}" if entry.labelled else f"#{t} {v:.3f}"
         box = draw.textbbox((0, 0), text, font=small)
-        x = min(max(lay.left, (xa + xb) // 2 - (box[2] - box[0]) // 2), lay.width - (box[2] - box[0]) - 2)
-        draw.text((x, max(top + lay.plot_top - 14, y1 - h - 15)), text, font=small, fill=(120, 20, 20))
+        w = box[2] - box[0]
+        x = min(max(lay.left, (xa + xb) // 2 - w // 2), lay.width - w - 2)
+        y = max(top + lay.plot_top - 14, y1 - h - 15)
+        while any(x < p1 + 4 and p0 < x + w + 4 and abs(y - py) < 13 for p0, p1, py in placed):
+            y -= 13  # stack names of neighbouring peaks instead of overprinting them
+        placed.append((x, x + w, y))
+        draw.text((x, y), text, font=small, fill=(120, 20, 20))
 
 
 def draw_chart(entries: Sequence[EntryDiff], overall: float) -> np.ndarray:

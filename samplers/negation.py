@@ -348,8 +348,7 @@ def _split_segment(tokens: List[Token]) -> Tuple[List[Token], List[str], bool]:
 
 def _clean(tokens: Sequence[Token]) -> str:
     """Text of a segment that lost words: one space between words, no dangling joiner."""
-    words = [t for t in tokens]
-    text = re.sub(r"[ \t]+", " ", "".join(t.text for t in words))
+    text = re.sub(r"[ \t]+", " ", "".join(t.text for t in tokens))
     lead = text[: len(text) - len(text.lstrip())]
     body = text.strip()
     changed = True
