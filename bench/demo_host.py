@@ -21,14 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("negative_guidance.demo")
 
 
-def load_host_and_pack():
+def load_host_and_pack(cpu: bool = True):
+    """Import the host from COMFYUI_PATH (on the CPU unless ``cpu`` is False) and the pack by path."""
     path = os.environ.get("COMFYUI_PATH")
     if not path or not (Path(path) / "comfy" / "samplers.py").exists():
         raise SystemExit("COMFYUI_PATH must point at a ComfyUI checkout (0.3.64 tested); see README 'Host tests'")
     sys.path.insert(0, path)
     from comfy.cli_args import args
 
-    args.cpu = True
+    args.cpu = cpu
     import comfy.model_management  # noqa: F401
     import comfy.utils
 

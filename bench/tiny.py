@@ -17,7 +17,8 @@ UNET_CONFIG = {
 }
 
 
-def make_tiny_sd15(seed: int = 0, dtype=torch.float32):
+def make_tiny_sd15(seed: int = 0, dtype=torch.float32, device: str = "cpu"):
+    """A ModelPatcher around a random SD1.5-shaped UNet: 320 channels, context 768, one level."""
     import comfy.model_patcher
     import comfy.supported_models
 
@@ -27,9 +28,8 @@ def make_tiny_sd15(seed: int = 0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.diffusion_model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+            p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device), offload_device=torch.device("cpu"))
 
 
 def cond(seed: int, width: int = 768, tokens: int = 77, batch: int = 1):
