@@ -165,12 +165,13 @@ def validate_request(request: GuidanceRequest, positive=None, negative=None) -> 
 def apply_guidance(model, request: GuidanceRequest):
     """Return a clone of ``model`` that applies ``request`` in every sampling run.
 
-    At the defaults (no extra negative, the whole schedule) the clone is not patched at all, so
-    its output is the host's, bit for bit.
+    At the defaults (no active extra negative, the whole schedule, no rule, no trace) nothing is
+    patched and ``model`` itself is returned: the output is the host's, bit for bit, and the host
+    does not load a new clone for the run.
     """
-    m = model.clone()
     if request.is_plain_cfg:
-        return m
+        return model
+    m = model.clone()
     if m.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY):
         raise InputError(
             request.node, "model",
