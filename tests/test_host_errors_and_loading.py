@@ -126,3 +126,17 @@ def test_cloned_into_custom_nodes_it_loads_through_the_hosts_loader(host, tmp_pa
         cls = host_nodes.NODE_CLASS_MAPPINGS[node_id]
         assert cls.define_schema().category == "sampling/negative_guidance"
         assert cls.__module__.startswith(str(target).replace(".", "_x_")), "not the copy in custom_nodes"
+
+
+def test_pyproject_parses_with_the_hosts_comfy_config_reader(host):
+    """The registry fields, read by the host's own reader (issue 7 item 4)."""
+    from pathlib import Path
+
+    config_parser = importlib.import_module("comfy_config.config_parser")
+    config = config_parser.extract_node_configuration(str(Path(__file__).resolve().parents[1]))
+    assert config.project.name == "comfyui-negative-guidance"
+    assert config.project.supported_comfyui_version == ">=0.3.64"
+    assert config.tool_comfy.publisher_id == "negative-guidance"
+    assert config.tool_comfy.display_name == "Negative Guidance"
+    assert isinstance(config.tool_comfy.icon, str)
+    assert config.project.license.file == "LICENSE"
