@@ -225,7 +225,8 @@ class _OuterSample:
         model_sampling = guider.model_patcher.get_model_object("model_sampling")
         spec = resolve_spec(self.request, model_sampling)
         for i, entry in enumerate(self.request.extras):
-            guider.conds[EXTRA_COND_KEY.format(i)] = _as_negative(entry.conditioning)
+            if entry.weight != 0.0:  # a zero weight is never planned: nothing for the host to prepare
+                guider.conds[EXTRA_COND_KEY.format(i)] = _as_negative(entry.conditioning)
         if self.request.unconditional is not None:
             guider.conds[UNCOND_COND_KEY] = _as_negative(self.request.unconditional)
         trace = self.request.trace
