@@ -56,3 +56,48 @@ def count_forwards(model_patcher):
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a - b| / mean|b|: the relative error the issue's 1e-5 bound is about."""
     return float((a - b).abs().max() / b.abs().mean().clamp_min(1e-12))
+
+
+def _randomise(module: torch.nn.Module, gen: torch.Generator, std: float = 0.02) -> None:
+    """Random matrices of std ``std``, unit norm scales, zero biases: a stable random network."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.copy_((torch.randn(p.shape, generator=gen) * std).to(p.dtype))
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
+def random_sd15_clip(seed: int = 0):
+    """The host's SD1.5 text encoder (full-size CLIP-L, SD1 tokenizer) with random weights."""
+    import comfy.sd
+    import comfy.supported_models
+
+    clip = comfy.sd.CLIP(target=comfy.supported_models.SD15(dict(UNET_CONFIG)).clip_target(), embedding_directory=None)
+    _randomise(clip.cond_stage_model, torch.Generator().manual_seed(seed))
+    return clip
+
+
+def write_tiny_sd15_checkpoint(path, seed: int = 0, dtype=torch.float16) -> None:
+    """A .safetensors checkpoint that the host's CheckpointLoaderSimple detects as SD1.5.
+
+    The UNet is the tiny one (SD1.5's 320 channels and context 768; depth, levels and res blocks
+    are read from the weights); CLIP-L is full size, as detection requires; the VAE has TAESD's
+    layout, which the host's VAE recognises and keeps small. All weights are random.
+    """
+    import comfy.supported_models
+    import comfy.taesd.taesd
+    import safetensors.torch
+
+    config = comfy.supported_models.SD15(dict(UNET_CONFIG))
+    unet = make_tiny_sd15(seed).model.diffusion_model.state_dict()
+    clip = config.process_clip_state_dict_for_saving(random_sd15_clip(seed).cond_stage_model.state_dict())
+    vae = comfy.taesd.taesd.TAESD()
+    _randomise(vae, torch.Generator().manual_seed(seed + 1))
+    sd = {f"model.diffusion_model.{k}": v for k, v in unet.items()}
+    sd.update(clip)
+    sd.update({f"first_stage_model.{k}": v for k, v in vae.state_dict().items()})
+    sd = {k: v.detach().to(dtype).contiguous() if v.is_floating_point() else v.contiguous() for k, v in sd.items()}
+    safetensors.torch.save_file(sd, str(path))

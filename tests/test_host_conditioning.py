@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests_support import UNET_CONFIG, cond
+from tests_support import cond, random_sd15_clip
 
 from conftest import PACK
 
@@ -23,21 +23,7 @@ def conditioning(host):
 @pytest.fixture(scope="module")
 def clip(host):
     """comfy.sd.CLIP around the host's SD1.5 target (SD1Tokenizer + SD1ClipModel), random weights."""
-    import comfy.sd
-    import comfy.supported_models
-
-    target = comfy.supported_models.SD15(dict(UNET_CONFIG)).clip_target()
-    clip = comfy.sd.CLIP(target=target, embedding_directory=None)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in clip.cond_stage_model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-            elif name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-    return clip
+    return random_sd15_clip()
 
 
 @pytest.fixture

@@ -140,3 +140,23 @@ def test_pyproject_parses_with_the_hosts_comfy_config_reader(host):
     assert config.tool_comfy.display_name == "Negative Guidance"
     assert isinstance(config.tool_comfy.icon, str)
     assert config.project.license.file == "LICENSE"
+
+
+def test_the_tiny_checkpoint_loads_as_sd15_and_samples(host, tmp_path):
+    """The checkpoint server tests and soaks need: detected by the host's loader, samples, decodes."""
+    import comfy.sd
+    import torch
+
+    from tests_support import write_tiny_sd15_checkpoint
+
+    path = tmp_path / "tiny_sd15.safetensors"
+    write_tiny_sd15_checkpoint(path)
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path))
+    assert type(model.model.model_config).__name__ == "SD15"
+    host_nodes = importlib.import_module("nodes")
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize("a man"))
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize("mustache"))
+    samples = host_nodes.common_ksampler(model, 0, 2, 7.0, "euler", "normal", positive, negative,
+                                         {"samples": torch.zeros(1, 4, 8, 8)})[0]["samples"]
+    image = vae.decode(samples)
+    assert image.shape == (1, 64, 64, 3) and torch.isfinite(image).all()
