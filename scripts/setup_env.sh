@@ -17,6 +17,6 @@ if [ -n "${COMFYUI_PATH:-}" ]; then
   fi
   # The host's own requirements, less the torch family (pinned here: an unpinned torch pulls a CUDA build).
   grep -v -E '^\s*(torch|torchvision|torchaudio)\s*$' "$COMFYUI_PATH/requirements.txt" > "$VENV/comfyui-requirements.txt"
-  "${PIP[@]}" "torch==2.13.0" "torchvision==0.28.0" requests -r "$VENV/comfyui-requirements.txt"
+  "${PIP[@]}" "torch==2.13.0" "torchvision==0.28.0" requests "playwright==1.65.*" -r "$VENV/comfyui-requirements.txt"
   "$VENV/bin/python" "$ROOT/scripts/fix_torchvision_cpu.py"
 fi

@@ -177,3 +177,40 @@ def test_an_interrupted_prompt_leaves_the_next_one_working(server):
     short = _shrink(json.loads((ROOT / "example_workflows" / "api" / "negative_guidance_basic.json").read_text()))
     short["7"]["inputs"]["seed"] = 1
     assert _run(url, short)["status"]["status_str"] == "success"
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+def test_the_frontend_loads_every_ui_workflow_with_no_missing_node(server, tmp_path):
+    """The host's real frontend in headless Chromium: each UI workflow loads, no node type is missing."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no Chromium at {CHROMIUM} (Debian's 'chromium' package): the browser test needs it")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright (pip) drives Chromium here")
+    shots = Path(os.environ.get("NEGATIVE_GUIDANCE_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            context = browser.new_context(viewport={"width": 1600, "height": 1000})
+            page = context.new_page()
+            page.goto(server["url"] + "/", timeout=120_000)
+            page.wait_for_function("window.app && window.app.graph", timeout=120_000)
+            page.wait_for_timeout(2000)
+            close_dialogs = ("() => document.querySelectorAll('.p-dialog .p-dialog-close-button, "
+                             ".p-dialog button[aria-label=\"Close\"]').forEach(b => b.click())")
+            page.evaluate(close_dialogs)  # the first-run template dialog
+            for path in sorted((ROOT / "example_workflows").glob("*.json")):
+                page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", json.loads(path.read_text()))
+                page.wait_for_timeout(1000)
+                types = page.evaluate("() => (window.app.graph._nodes || window.app.graph.nodes)"
+                                      ".map(n => [n.type, !!LiteGraph.registered_node_types[n.type]])")
+                missing = [t for t, known in types if not known]
+                assert types and not missing, f"{path.name}: missing node types {missing}"
+                dialogs = page.evaluate("() => Array.from(document.querySelectorAll('.p-dialog')).map(d => d.innerText)")
+                assert not [d for d in dialogs if "missing" in d.lower() or "error" in d.lower()], dialogs
+                page.screenshot(path=str(shots / f"{path.stem}.png"))
+        finally:
+            browser.close()
