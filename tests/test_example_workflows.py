@@ -60,3 +60,11 @@ def test_ui_widget_values_fit_the_pack_nodes(host, pack_nodes, path):
         widgets = [i for i in schema.inputs if i.get_io_type() in ("INT", "FLOAT", "COMBO", "STRING", "BOOLEAN")]
         extra = sum(1 for i in widgets if getattr(i, "control_after_generate", False))
         assert len(node["widgets_values"]) == len(widgets) + extra, node["type"]
+
+
+@pytest.mark.parametrize("path", UI, ids=[p.stem for p in UI])
+def test_every_ui_workflow_has_a_preview_image(path):
+    """The frontend's template browser shows <name>.jpg beside <name>.json."""
+    preview = path.with_suffix(".jpg")
+    assert preview.exists(), f"{preview.name} is missing"
+    assert preview.read_bytes()[:3] == b"\xff\xd8\xff", f"{preview.name} is not a JPEG"

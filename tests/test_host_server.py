@@ -135,6 +135,9 @@ def test_workflow_templates_lists_the_examples(server):
     templates = _get(server["url"], "/workflow_templates")
     expected = sorted(p.stem for p in (ROOT / "example_workflows").glob("*.json"))
     assert sorted(templates.get(PACK_DIR, [])) == expected
+    for name in expected:  # the thumbnail the template browser asks for
+        with urllib.request.urlopen(f"{server['url']}/api/workflow_templates/{PACK_DIR}/{name}.jpg", timeout=10) as r:
+            assert r.status == 200 and r.read(3) == b"\xff\xd8\xff"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "example_workflows" / "api").glob("*.json")), ids=lambda p: p.stem)
