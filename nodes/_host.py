@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.sampler_helpers
@@ -91,6 +93,9 @@ def conditioning_width(conditioning, node: str, name: str) -> int:
         tensor = entry[0]
         if tensor is None or not hasattr(tensor, "shape") or tensor.ndim < 2:
             raise InputError(node, name, "must carry an embedding tensor of shape [batch, tokens, width]")
+        pooled = entry[1].get("pooled_output")
+        if not bool(torch.isfinite(tensor).all()) or (pooled is not None and not bool(torch.isfinite(pooled).all())):
+            raise InputError(node, name, "contains NaN or infinite values (a broken text encoder or LoRA upstream?)")
         widths.add(int(tensor.shape[-1]))
     if len(widths) != 1:
         raise InputError(node, name, "has entries of different embedding widths", sorted(widths))
@@ -106,6 +111,20 @@ def check_same_width(node: str, reference, reference_name: str, other, other_nam
             f"must have the embedding width of '{reference_name}' ({want}); it comes from a different "
             "text encoder or model family", got,
         )
+
+
+def check_latent(node: str, name: str, latent, model) -> None:
+    """A LATENT dict whose samples have the model's channel count (an empty latent the host adapts itself)."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor) or samples.ndim < 4:
+        raise InputError(node, name, "must be a LATENT: a dict with a 'samples' tensor of shape [batch, channels, ...]")
+    latent_format = model.get_model_object("latent_format")
+    want = getattr(latent_format, "latent_channels", None)
+    if want is not None and samples.shape[1] != want and bool(torch.count_nonzero(samples) > 0):
+        raise InputError(node, name, f"has {samples.shape[1]} channels but this model's latents have {want}: it was made "
+                         "by another model family's VAE", samples.shape[1])
+    if not bool(torch.isfinite(samples).all()):
+        raise InputError(node, name, "contains NaN or infinite values")
 
 
 def check_finite(node: str, name: str, value: float) -> float:

@@ -225,6 +225,7 @@ class NegativeGuidanceSampler(io.ComfyNode):
         node = "NegativeGuidanceSampler"
         _host.check_finite(node, "cfg", cfg)
         _host.check_finite(node, "denoise", denoise)
+        _host.check_latent(node, "latent_image", latent_image, model)
         trace = new_trace(record_trace)
         request = build_request(node, negatives, negative_start_percent, negative_end_percent,
                                 unconditional, positive, negative, rule, trace)
