@@ -103,13 +103,6 @@ def _check_family(model) -> None:
         )
 
 
-def _window(model, start: float, end: float) -> SigmaWindow:
-    ms = model.get_model_object("model_sampling")
-    hi = math.inf if start <= 0.0 else float(ms.percent_to_sigma(start))
-    lo = -math.inf if end >= 1.0 else float(ms.percent_to_sigma(end))
-    return SigmaWindow(hi, lo)
-
-
 def apply_nag(model, negative, scale: float, tau: float, alpha: float, norm: str, start_percent: float,
               end_percent: float):
     """Validate and return a clone of ``model`` with the NAG patches (``model`` itself at scale 1)."""
@@ -133,7 +126,7 @@ def apply_nag(model, negative, scale: float, tau: float, alpha: float, norm: str
     if scale == 1.0:
         return model  # Z~ = Z+: NAG is the identity
     patch = NagPatch(negative[0][0].detach(), float(scale), float(tau), float(alpha), norm,
-                     _window(model, start_percent, end_percent))
+                     _host._sigma_window(model.get_model_object("model_sampling"), start_percent, end_percent))
     m = model.clone()
     m.set_model_attn2_patch(patch.attn2_patch)
     m.set_model_attn2_output_patch(patch.attn2_output_patch)
