@@ -127,6 +127,41 @@ def check_latent(node: str, name: str, latent, model) -> None:
         raise InputError(node, name, "contains NaN or infinite values")
 
 
+def needs_pooled(model) -> bool:
+    """Whether the model's extra conditioning reads every prompt's ``pooled_output`` (SDXL, SD3, Flux).
+
+    Asked of the host itself: its ``encode_adm`` raises ``KeyError('pooled_output')`` for exactly
+    those families when called without one.
+    """
+    try:
+        model.model.encode_adm()
+    except KeyError as err:
+        return err.args == ("pooled_output",)
+    except Exception:  # other families need other arguments to answer; they read no pooled vector
+        return False
+    return False
+
+
+def check_pooled(node: str, model, named) -> None:
+    """Each ``(name, conditioning)`` carries a ``pooled_output`` where the model needs one.
+
+    Entries may be raw ``[tensor, dict]`` pairs or the host's converted dicts. Without this, the
+    host stops deep inside the model with ``KeyError: 'pooled_output'``.
+    """
+    if not needs_pooled(model):
+        return
+    family = type(getattr(model.model, "model_config", None)).__name__
+    for name, conditioning in named:
+        for entry in conditioning or ():
+            values = entry if isinstance(entry, dict) else entry[1]
+            if values.get("pooled_output") is None and "unclip_conditioning" not in values:
+                raise InputError(
+                    node, name,
+                    f"has no 'pooled_output', which this model ({family}) needs for every prompt: encode it with "
+                    "the model's own text encoder (CLIPTextEncode gives one), or ConditioningZeroOut an encoded prompt",
+                )
+
+
 def check_finite(node: str, name: str, value: float) -> float:
     if not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InputError(node, name, "must be a finite number", repr(value))
@@ -181,6 +216,27 @@ def validate_request(request: GuidanceRequest, positive=None, negative=None) -> 
 # ---------------------------------------------------------------------------- patching
 
 
+def check_model_fit(request: GuidanceRequest, model) -> None:
+    """What only the model can tell: pooled vectors the family needs, and rule sigmas inside its range."""
+    named = [(f"negatives[{i}]", e.conditioning) for i, e in enumerate(request.extras)]
+    if request.unconditional is not None:
+        named.append(("unconditional", request.unconditional))
+    check_pooled(request.node, model, named)
+    if request.rule is None:
+        return
+    model_sampling = model.get_model_object("model_sampling")
+    low, high = float(model_sampling.sigma_min), float(model_sampling.sigma_max)
+    fit = request.rule.fit(low, high)
+    where = f"this model's sigmas run from {high:.4g} down to {low:.4g}" + (
+        " (a flow model: 1 down to 0)" if high <= 1.0 + 1e-6 else "")
+    if fit == "never":
+        raise InputError(request.node, "rule", f"({request.rule.name}) would never guide on this model: {where}; set "
+                         "the rule's sigmas inside that range")
+    if fit == "everywhere":
+        log.warning("%s: the %s rule's threshold is at or above the largest sigma of this model (%s): it skips "
+                    "over the whole run", request.node, request.rule.name, where)
+
+
 def apply_guidance(model, request: GuidanceRequest):
     """Return a clone of ``model`` that applies ``request`` in every sampling run.
 
@@ -188,6 +244,7 @@ def apply_guidance(model, request: GuidanceRequest):
     patched and ``model`` itself is returned: the output is the host's, bit for bit, and the host
     does not load a new clone for the run.
     """
+    check_model_fit(request, model)
     if request.is_plain_cfg:
         return model
     m = model.clone()
@@ -241,6 +298,7 @@ class _OuterSample:
                 "ignore the negatives; use KSampler, CFGGuider or NegativeGuider with this model",
             )
         self._check_widths(_widths(guider.original_conds.get("positive")), _widths(guider.original_conds.get("negative")))
+        check_pooled(node, guider.model_patcher, [(name, guider.original_conds.get(name)) for name in ("positive", "negative")])
         model_sampling = guider.model_patcher.get_model_object("model_sampling")
         spec = resolve_spec(self.request, model_sampling)
         for i, entry in enumerate(self.request.extras):

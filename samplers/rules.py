@@ -291,6 +291,11 @@ class CFG:
     def guidance_off(self, sigma: Optional[float], call_index: int) -> bool:
         return False
 
+    def fit(self, sigma_min: float, sigma_max: float) -> str:
+        """How the rule's sigma thresholds meet a model's sigma range: "ok", "never" (guidance off at every
+        sigma of the model) or "everywhere" (the rule's skipping covers the whole range)."""
+        return "ok"
+
     def combine(self, s: StepInputs, state) -> torch.Tensor:
         return composable_not(cfg(s.pos, s.neg, s.scale), s.extras, s.extra_weights, s.reference)
 
@@ -430,6 +435,11 @@ class MinSigma(_Skipping):
             return False
         return self.all_steps or call_index % 2 == 1
 
+    def fit(self, sigma_min: float, sigma_max: float) -> str:
+        if self.min_sigma <= 0.0 or self.min_sigma < sigma_max:
+            return "ok"
+        return "never" if self.all_steps else "everywhere"
+
 
 @dataclass(frozen=True, kw_only=True)
 class GuidanceInterval(_Skipping):
@@ -448,6 +458,9 @@ class GuidanceInterval(_Skipping):
 
     def guidance_off(self, sigma: Optional[float], call_index: int) -> bool:
         return sigma is not None and not (self.sigma_low < sigma <= self.sigma_high)
+
+    def fit(self, sigma_min: float, sigma_max: float) -> str:
+        return "never" if self.sigma_high < sigma_min or self.sigma_low >= sigma_max else "ok"
 
 
 @dataclass(frozen=True, kw_only=True)
