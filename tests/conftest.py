@@ -88,3 +88,12 @@ def host_nodes(host):
 def custom(host):
     """The host's custom-sampling nodes (CFGGuider, SamplerCustomAdvanced, BasicScheduler)."""
     return importlib.import_module("comfy_extras.nodes_custom_sampler")
+
+
+@pytest.fixture(scope="session")
+def server(host, tmp_path_factory):
+    """One real ComfyUI server (``main.py --cpu``, loopback) shared by every server test module."""
+    from server_support import start_server
+
+    with start_server(host, tmp_path_factory.mktemp("comfy_base")) as info:
+        yield info

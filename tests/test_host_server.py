@@ -1,114 +1,24 @@
 """The pack in a real ComfyUI server: object_info, templates, every API workflow, a bad input, an interrupt.
 
-Starts ``main.py --cpu`` on loopback and a free port, with a temporary base directory whose
-``custom_nodes`` links this pack and whose checkpoint folder holds the tiny random SD1.5 checkpoint
-under the standard name the example workflows use. The server is stopped by its process id
-whatever happens. Skips without ``COMFYUI_PATH``.
+The server (``main.py --cpu`` on loopback and a free port, a temporary base directory with this
+pack linked into ``custom_nodes`` and the tiny random SD1.5 checkpoint under the standard name the
+example workflows use) is the session-scoped ``server`` fixture of ``conftest.py``, started by
+``server_support.start_server`` and stopped by its process id whatever happens. Skips without
+``COMFYUI_PATH``.
 """
 from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-PACK_DIR = "comfyui-negative-guidance"
-CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
-START_TIMEOUT, PROMPT_TIMEOUT = 180, 180
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(base, path, timeout=10):
-    with urllib.request.urlopen(base + path, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def _post(base, path, payload, timeout=30):
-    req = urllib.request.Request(base + path, json.dumps(payload).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"{}")
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
-@pytest.fixture(scope="module")
-def server(host, tmp_path_factory):
-    from tests_support import write_tiny_sd15_checkpoint
-
-    base = tmp_path_factory.mktemp("comfy_base")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / PACK_DIR).symlink_to(ROOT, target_is_directory=True)
-    (base / "models" / "checkpoints").mkdir(parents=True)
-    write_tiny_sd15_checkpoint(base / "models" / "checkpoints" / CHECKPOINT)
-    port = _free_port()
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base),
-         "--disable-auto-launch", "--database-url", "sqlite:///:memory:"],
-        cwd=host, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the server exited with {proc.returncode}: {(base / 'server.log').read_text()[-3000:]}")
-            try:
-                _get(url, "/system_stats", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail("the server did not answer in time: " + (base / "server.log").read_text()[-3000:])
-                time.sleep(0.5)
-        yield {"url": url, "base": base, "proc": proc}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
-        log.close()
-
-
-def _shrink(prompt: dict, steps: int = 2) -> dict:
-    """Tiny images and few steps: the test model is random and runs on a CPU."""
-    for node in prompt.values():
-        inputs = node["inputs"]
-        if node["class_type"] == "EmptyLatentImage":
-            inputs.update(width=64, height=64)
-        if "steps" in inputs and isinstance(inputs["steps"], int) and node["class_type"] != "GuidanceVisualizer":
-            inputs["steps"] = steps
-    return prompt
-
-
-def _run(url, prompt, timeout=PROMPT_TIMEOUT):
-    status, body = _post(url, "/prompt", {"prompt": prompt})
-    assert status == 200, body
-    prompt_id = body["prompt_id"]
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        history = _get(url, f"/history/{prompt_id}")
-        if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
-            return history[prompt_id]
-        if prompt_id in history and history[prompt_id].get("status", {}).get("status_str") == "error":
-            return history[prompt_id]
-        time.sleep(0.5)
-    pytest.fail(f"prompt {prompt_id} did not finish in {timeout} s")
+from server_support import (  # noqa: F401  (the old private names, for modules that import them from here)
+    CHECKPOINT, PACK_DIR, PROMPT_TIMEOUT, ROOT, START_TIMEOUT, free_port as _free_port, get as _get, post as _post,
+    run as _run, shrink as _shrink,
+)
 
 
 def _pack_ids():
