@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 import comfy.model_patcher
+import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.sampler_helpers
 import comfy.samplers
@@ -275,6 +276,7 @@ def resolve_spec(request: GuidanceRequest, model_sampling) -> GuidanceSpec:
         extras=extras,
         has_uncond=request.unconditional is not None,
         rule=request.rule if request.rule is not None else rules.CFG(),
+        flow=isinstance(model_sampling, comfy.model_sampling.CONST),
     )
 
 

@@ -50,6 +50,7 @@ class GuidanceSpec:
     extras: tuple = ()
     has_uncond: bool = False
     rule: rules.CFG = field(default_factory=rules.CFG)
+    flow: bool = False  # the model is a flow-matching one (rules that leave denoised space need to know)
 
     def __post_init__(self):
         if self.rule.needs_uncond and not self.has_uncond:
@@ -147,5 +148,5 @@ def combine_step(
         return rules.composable_not(primary_combine(pos, neg), extras, weights, reference)
     inputs = rules.StepInputs(x=x, sigma=sigma, pos=pos, neg=neg, scale=scale, uncond=uncond, extras=extras,
                               extra_weights=weights, reference=reference, sample_sigmas=sample_sigmas,
-                              negative_role=plan.negative)
+                              negative_role=plan.negative, flow=spec.flow)
     return spec.rule.combine(inputs, state)

@@ -209,6 +209,7 @@ def dng_posterior(
     offset: float,
     p_min: float,
     p_max: float,
+    flow: bool = False,
 ) -> torch.Tensor:
     """One step of Dynamic Negative Guidance's posterior tracking (Koulischer et al. 2025, sec. 3.3).
 
@@ -223,15 +224,30 @@ def dng_posterior(
     ``p <- clamp(p * exp((-temperature * delta + offset) / (2 var)), p_min, p_max)`` with
     ``delta = |x - mu_neg|^2 - |x - mu_base|^2`` (temperature 1, offset 0: Bayes' rule with the
     Gaussian likelihood ratio). A step that does not lower sigma leaves ``p`` unchanged.
+
+    With ``flow`` the step is k-diffusion's rectified-flow ancestral step (ComfyUI's
+    ``sample_euler_ancestral_RF``, eta 1): ``sigma_down = sigma^2 / sigma_prev``, mean
+    ``a * (x_prev + (sigma_down - sigma_prev) * (x_prev - D) / sigma_prev)`` with ``a = (1 - sigma) /
+    (1 - sigma_down)``, variance ``sigma^2 - (a * sigma_down)^2``; flow latents are already in
+    variance-preserving scale.
     """
     x32 = up(x)
     s, s_prev = _per_sample(sigma, x32), _per_sample(sigma_prev, x32)
-    var_up = s * s * (s_prev * s_prev - s * s) / (s_prev * s_prev).clamp_min(TINY)
-    ratio = (s * s - var_up).clamp_min(0.0).sqrt() / s_prev.clamp_min(TINY)  # sigma_down / sigma_prev
+    if flow:
+        ratio = s / s_prev.clamp_min(TINY)  # the step goes down to sigma_down = s * ratio
+        sigma_down = s * ratio
+        alpha = (1.0 - s) / (1.0 - sigma_down).clamp_min(TINY)
+        var_up = (s * s - (alpha * sigma_down) ** 2).clamp_min(0.0)
+        ratio = ratio * ratio
+        vp = torch.ones_like(s)
+    else:
+        var_up = s * s * (s_prev * s_prev - s * s) / (s_prev * s_prev).clamp_min(TINY)
+        ratio = (s * s - var_up).clamp_min(0.0).sqrt() / s_prev.clamp_min(TINY)  # sigma_down / sigma_prev
+        alpha = torch.ones_like(s)
+        vp = 1.0 + s * s
     keep = up(x_prev) * ratio
-    mu_base = keep + up(base_prev) * (1.0 - ratio)
-    mu_neg = keep + up(neg_prev) * (1.0 - ratio)
-    vp = 1.0 + s * s
+    mu_base = alpha * (keep + up(base_prev) * (1.0 - ratio))
+    mu_neg = alpha * (keep + up(neg_prev) * (1.0 - ratio))
     var = var_up / vp
     delta = (_dot(x32 - mu_neg, x32 - mu_neg) - _dot(x32 - mu_base, x32 - mu_base)) / vp
     exponent = (-temperature * delta + offset) / (2.0 * var.clamp_min(TINY))
@@ -266,6 +282,7 @@ class StepInputs:
     reference: Optional[torch.Tensor] = None
     sample_sigmas: Optional[torch.Tensor] = None
     negative_role: str = "primary"
+    flow: bool = False  # a flow-matching model (SD3, Flux, Wan): x = (1 - sigma) x0 + sigma noise
 
 
 def _finite(name: str, value: float, low: float = -math.inf, high: float = math.inf) -> float:
@@ -350,7 +367,11 @@ class APG(CFG):
 
 @dataclass(frozen=True, kw_only=True)
 class Rescale(CFG):
-    """CFG rescale (Lin et al. 2023), phi = 0.7 as the paper recommends, in v-prediction space."""
+    """CFG rescale (Lin et al. 2023), phi = 0.7 as the paper recommends, in the space of a model's prediction.
+
+    v-prediction space for the eps and v families, as ComfyUI's RescaleCFG computes it; the
+    velocity for flow models, as diffusers rescales their prediction. ComfyUI's RescaleCFG uses
+    the v formula on flow models too, where ``x / (1 + sigma^2)`` is not the clean-image scale."""
 
     phi: float = 0.7
     name = "CFG rescale"
@@ -361,6 +382,8 @@ class Rescale(CFG):
 
     def combine(self, s: StepInputs, state) -> torch.Tensor:
         guided = CFG.combine(self, s, state)
+        if s.flow:  # the model's own prediction, the velocity, is (x - D) / sigma; std ratios ignore the 1/sigma
+            return s.x - rescale(to_noise(s.x, guided), to_noise(s.x, s.pos), self.phi)
         v = rescale(to_v(s.x, guided, s.sigma), to_v(s.x, s.pos, s.sigma), self.phi)
         return from_v(s.x, v, s.sigma)
 
@@ -511,7 +534,7 @@ class DynamicNegative(CFG):
         if state["prev"] is not None:
             x_prev, sigma_prev, base_prev, neg_prev = state["prev"]
             p = dng_posterior(p, s.x, s.sigma, x_prev, sigma_prev, base_prev, neg_prev,
-                              self.temperature, self.offset, self.p_min, self.p_max)
+                              self.temperature, self.offset, self.p_min, self.p_max, flow=s.flow)
         state["p"], state["prev"] = p, (s.x.clone(), s.sigma, base, s.neg)
         guided = dng(base, s.neg, p, self.scale)
         return composable_not(guided, s.extras, s.extra_weights, s.reference)

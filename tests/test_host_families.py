@@ -8,6 +8,7 @@ table says is what these tests check.
 from __future__ import annotations
 
 import importlib
+import math
 import re
 import sys
 from pathlib import Path
@@ -237,3 +238,39 @@ def test_on_flux_the_negative_prompt_needs_real_cfg_and_the_extras_act_at_cfg_on
     lower = host_nodes.common_ksampler(model, 0, STEPS, 1.0, "euler", "normal", f.cond(1, guidance=1.5), f.cond(2),
                                        f.latent())[0]["samples"]
     assert rel_diff(lower, guidance) > 1e-4, "the guidance embedding is read from the positive's conditioning"
+
+
+def test_dng_tracks_the_posterior_through_the_hosts_rectified_flow_ancestral_step(host):
+    """The host's ``sample_euler_ancestral_RF`` is the oracle for the step's mean (zero noise) and spread (unit noise)."""
+    from comfy.k_diffusion import sampling
+
+    gen = torch.Generator().manual_seed(0)
+    x_prev, base, negp = (torch.randn(2, 16, 4, 4, generator=gen) for _ in range(3))
+    sigmas = torch.tensor([0.8, 0.5])
+    noise = torch.randn(2, 16, 4, 4, generator=gen)
+
+    def step(denoised, n):
+        return sampling.sample_euler_ancestral_RF(lambda x, s, **kw: denoised, x_prev, sigmas, disable=True,
+                                                  noise_sampler=lambda a, b: n)
+
+    mu_base, mu_neg = step(base, torch.zeros_like(noise)), step(negp, torch.zeros_like(noise))
+    std = float(((step(base, noise) - mu_base) / noise).flatten()[0])
+    x = step(negp, noise)  # the sample followed the negative concept
+    p0 = torch.tensor([0.2, 0.2])
+    got = rules.dng_posterior(p0, x, sigmas[1:].expand(2), x_prev, sigmas[:1].expand(2), base, negp,
+                              1.0, 0.0, 0.0, 1.0, flow=True)
+    for i in range(2):
+        normal = lambda mu: torch.distributions.Normal(mu[i].double(), std).log_prob(x[i].double()).sum()
+        want = min(1.0, 0.2 * math.exp(min(float(normal(mu_neg) - normal(mu_base)), 80.0)))
+        assert float(got[i]) == pytest.approx(want, rel=1e-4)
+    assert (got > p0).all()
+
+
+def test_rescale_on_flow_models_works_on_the_velocity_not_the_hosts_v_formula(pack_nodes, host_nodes):
+    advanced_nodes = importlib.import_module("comfy_extras.nodes_model_advanced")
+    for name in ("sd15", "sd3"):
+        f = FAMILIES[name]
+        model = f.model(seed=1)
+        host = _ksampler(host_nodes, advanced_nodes.RescaleCFG().patch(model, 0.7)[0], f)
+        ours = _sampler(pack_nodes, model, f, rule=rules.Rescale(phi=0.7))[0]["samples"]
+        assert (rel_diff(ours, host) <= 1e-5) == (not f.flow)

@@ -124,6 +124,22 @@ def test_dng_posterior_is_bayes_with_gaussian_likelihoods():
         assert got[i].item() == pytest.approx(want, rel=1e-4, abs=1e-12)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rescale_on_flow_models_is_diffusers_on_the_velocity(shape):
+    """Flow models predict the velocity (x - D) / sigma; diffusers rescales that prediction."""
+    x, pos, neg = rand(*shape, seed=0), rand(*shape, seed=1), rand(*shape, seed=2)
+    sigma = torch.full((shape[0],), 0.6)
+    s = sigma.reshape(-1, *[1] * (len(shape) - 1))
+    inputs = rules.StepInputs(x=x, sigma=sigma, pos=pos, neg=neg, scale=5.0, flow=True)
+    got = rules.Rescale(phi=0.7).combine(inputs, None)
+    guider = diffusers_guiders.ClassifierFreeGuidance(guidance_scale=5.0, guidance_rescale=0.7)
+    guider.set_state(step=0, num_inference_steps=10, timestep=torch.tensor(999))
+    want_velocity = guider.forward((x - pos) / s, (x - neg) / s)[0]
+    close((x - got) / s, want_velocity)
+    vp = rules.Rescale(phi=0.7).combine(rules.StepInputs(x=x, sigma=sigma, pos=pos, neg=neg, scale=5.0), None)
+    assert (vp - got).abs().max() > 1e-2  # the v-prediction formula (ComfyUI's RescaleCFG) is another result
+
+
 def test_dng_posterior_rises_when_the_sample_follows_the_negative():
     x_prev, base, negp = rand(1, 4, 8, 8, seed=1) * 5, rand(1, 4, 8, 8, seed=2), rand(1, 4, 8, 8, seed=3)
     s_prev, s = torch.tensor([5.0]), torch.tensor([4.0])
