@@ -161,8 +161,9 @@ class NegativeRuleMinSigma(io.ComfyNode):
             "evaluation (or all of them); a skipped evaluation costs one branch and follows the positive alone.",
             [
                 io.Float.Input("min_sigma", default=1.0, min=0.0, max=10000.0, step=0.01,
-                               tooltip="Skip below this sigma (0..10000; 0 = never). SD1.5 sigmas run from about "
-                               "14.6 down to 0.03."),
+                               tooltip="Skip below this sigma (0..10000; 0 = never), in the model's units: SD1.5 and "
+                               "SDXL sigmas run from about 14.6 down to 0.03, flow models' (SD3, Flux, Wan) from 1 "
+                               "down to 0."),
                 io.Boolean.Input("all_steps", default=False,
                                  tooltip="Skip on every evaluation below min_sigma, not every other one."),
                 _inner_input(),
@@ -181,7 +182,8 @@ class NegativeRuleInterval(io.ComfyNode):
         return _schema(
             "NegativeRuleInterval", "Rule: Guidance interval",
             "Guidance interval (Kynkäänniemi et al. 2024): guide only for sigma in (sigma_low, sigma_high]; "
-            "elsewhere one branch, the positive alone. The paper's SDXL interval is (0.28, 5.42].",
+            "elsewhere one branch, the positive alone. The paper's SDXL interval is (0.28, 5.42]; flow models' "
+            "(SD3, Flux, Wan) sigmas run from 1 down to 0, so give their interval in that range.",
             [
                 io.Float.Input("sigma_low", default=0.28, min=0.0, max=10000.0, step=0.01,
                                tooltip="Lower end, excluded (0..10000)."),
