@@ -117,9 +117,16 @@ def check_same_width(node: str, reference, reference_name: str, other, other_nam
 def check_latent(node: str, name: str, latent, model) -> None:
     """A LATENT dict whose samples have the model's channel count (an empty latent the host adapts itself)."""
     samples = latent.get("samples") if isinstance(latent, dict) else None
-    if not isinstance(samples, torch.Tensor) or samples.ndim < 4:
+    if not isinstance(samples, torch.Tensor) or samples.ndim < 3:
         raise InputError(node, name, "must be a LATENT: a dict with a 'samples' tensor of shape [batch, channels, ...]")
     latent_format = model.get_model_object("latent_format")
+    dims = getattr(latent_format, "latent_dimensions", None)
+    # the host itself turns a 4-D latent into a one-frame video (fix_empty_latent_channels)
+    if dims is not None and samples.ndim != 2 + dims and not (dims == 3 and samples.ndim == 4):
+        shape = {1: "[batch, channels, length] (audio)", 2: "[batch, channels, height, width] (images)",
+                 3: "[batch, channels, frames, height, width] (video)"}.get(dims, f"{2 + dims} dimensions")
+        raise InputError(node, name, f"has {samples.ndim} dimensions but this model's latents are {shape}: it was made "
+                         "for another model family", list(samples.shape))
     want = getattr(latent_format, "latent_channels", None)
     if want is not None and samples.shape[1] != want and bool(torch.count_nonzero(samples) > 0):
         raise InputError(node, name, f"has {samples.shape[1]} channels but this model's latents have {want}: it was made "

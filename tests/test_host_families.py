@@ -274,3 +274,13 @@ def test_rescale_on_flow_models_works_on_the_velocity_not_the_hosts_v_formula(pa
         host = _ksampler(host_nodes, advanced_nodes.RescaleCFG().patch(model, 0.7)[0], f)
         ours = _sampler(pack_nodes, model, f, rule=rules.Rescale(phi=0.7))[0]["samples"]
         assert (rel_diff(ours, host) <= 1e-5) == (not f.flow)
+
+
+def test_a_latent_with_another_familys_dimensions_is_named(pack_nodes):
+    sd15, wan = FAMILIES["sd15"], FAMILIES["wan"]
+    with pytest.raises(ValueError, match=re.escape("NegativeGuidanceSampler: input 'latent_image' has 5 dimensions but "
+                                                   "this model's latents are [batch, channels, height, width] (images)")):
+        _sampler(pack_nodes, sd15.model(), sd15, lat={"samples": torch.zeros(1, 4, 2, 8, 8)})
+    # a 4-D latent on a video model is a one-frame video, as the host makes it
+    out = _sampler(pack_nodes, wan.model(), wan, lat={"samples": torch.zeros(1, 16, 8, 8)})[0]["samples"]
+    assert out.shape == (1, 16, 1, 8, 8) and torch.isfinite(out).all()
