@@ -92,9 +92,15 @@ def conditioning_width(conditioning, node: str, name: str) -> int:
         if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[1], dict):
             raise InputError(node, name, "must be a CONDITIONING: a list of [tensor, dict] pairs")
         tensor = entry[0]
-        if tensor is None or not hasattr(tensor, "shape") or tensor.ndim < 2:
-            raise InputError(node, name, "must carry an embedding tensor of shape [batch, tokens, width]")
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
+            got = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise InputError(node, name, "must carry an embedding tensor of shape [batch, tokens, width]", got)
+        if tensor.numel() == 0:
+            raise InputError(node, name, "must carry an embedding tensor with at least one batch row, token and "
+                             "feature", list(tensor.shape))
         pooled = entry[1].get("pooled_output")
+        if pooled is not None and not isinstance(pooled, torch.Tensor):
+            raise InputError(node, name, "must have a tensor as 'pooled_output'", type(pooled).__name__)
         if not bool(torch.isfinite(tensor).all()) or (pooled is not None and not bool(torch.isfinite(pooled).all())):
             raise InputError(node, name, "contains NaN or infinite values (a broken text encoder or LoRA upstream?)")
         widths.add(int(tensor.shape[-1]))
@@ -170,8 +176,15 @@ def check_pooled(node: str, model, named) -> None:
                 )
 
 
+def check_model(node: str, model, name: str = "model") -> None:
+    """A MODEL socket's value: a ModelPatcher (anything that clones and hands out model objects)."""
+    if not callable(getattr(model, "clone", None)) or not callable(getattr(model, "get_model_object", None)):
+        raise InputError(node, name, "must be a MODEL (the output of a checkpoint or model loader)",
+                         type(model).__name__)
+
+
 def check_finite(node: str, name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise InputError(node, name, "must be a finite number", repr(value))
     return float(value)
 
@@ -306,6 +319,7 @@ class _OuterSample:
                 f"is being sampled by {type(guider).__name__}, which combines predictions itself and would "
                 "ignore the negatives; use KSampler, CFGGuider or NegativeGuider with this model",
             )
+        _check_finite_conds(node, guider.original_conds)
         self._check_widths(_widths(guider.original_conds.get("positive")), _widths(guider.original_conds.get("negative")))
         check_pooled(node, guider.model_patcher, [(name, guider.original_conds.get(name)) for name in ("positive", "negative")])
         model_sampling = guider.model_patcher.get_model_object("model_sampling")
@@ -471,6 +485,16 @@ class _Run:
             self.trace.record(x, args["sigma"], args["cond_denoised"], guided_neg, out,
                               negative=step.plan.negative, extras=len(step.plan.extras))
         return x - out
+
+
+def _check_finite_conds(node: str, original_conds: dict) -> None:
+    """NaN or inf in the sampler's own prompts, named before the first step (one check per run)."""
+    for name in ("positive", "negative"):
+        for c in original_conds.get(name) or ():
+            tensors = [c.get("cross_attn"), c.get("pooled_output")]
+            if any(isinstance(t, torch.Tensor) and not bool(torch.isfinite(t).all()) for t in tensors):
+                raise InputError(node, name, f"(the sampler's {name} prompt) contains NaN or infinite values (a broken "
+                                 "text encoder or LoRA upstream?)")
 
 
 def _widths(converted_conds) -> set:

@@ -125,6 +125,10 @@ class WeightedNegative(io.ComfyNode):
         if negatives is not None and not isinstance(negatives, (list, tuple)):
             raise _host.InputError(node, "negatives", "must be a chain made by the Weighted Negative node",
                                    type(negatives).__name__)
+        for link in negatives or ():
+            if not isinstance(link, _host.NegativeEntry):
+                raise _host.InputError(node, "negatives", "must be a chain made by the Weighted Negative node",
+                                       type(link).__name__)
         entry = _host.NegativeEntry(list(conditioning), weight, float(start_percent), float(end_percent))
         return io.NodeOutput(tuple(negatives or ()) + (entry,))
 
@@ -147,6 +151,7 @@ class NegativeGuidance(io.ComfyNode):
     @classmethod
     def execute(cls, model, negative_start_percent, negative_end_percent, negatives=None,
                 unconditional=None, rule=None) -> io.NodeOutput:
+        _host.check_model("NegativeGuidance", model)
         request = build_request("NegativeGuidance", negatives, negative_start_percent, negative_end_percent,
                                 unconditional, rule=rule)
         return io.NodeOutput(_host.apply_guidance(model, request))
@@ -177,6 +182,7 @@ class NegativeGuider(io.ComfyNode):
     def execute(cls, model, positive, negative, cfg, negative_start_percent, negative_end_percent,
                 negatives=None, unconditional=None, rule=None, record_trace=False) -> io.NodeOutput:
         node = "NegativeGuider"
+        _host.check_model(node, model)
         _host.check_finite(node, "cfg", cfg)
         trace = new_trace(record_trace)
         request = build_request(node, negatives, negative_start_percent, negative_end_percent,
@@ -224,8 +230,17 @@ class NegativeGuidanceSampler(io.ComfyNode):
                 denoise, negative_start_percent, negative_end_percent, negatives=None,
                 unconditional=None, rule=None, record_trace=False) -> io.NodeOutput:
         node = "NegativeGuidanceSampler"
+        _host.check_model(node, model)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise _host.InputError(node, "steps", "must be a whole number of at least 1", repr(steps))
         _host.check_finite(node, "cfg", cfg)
-        _host.check_finite(node, "denoise", denoise)
+        for name, value, options in (("sampler_name", sampler_name, comfy.samplers.KSampler.SAMPLERS),
+                                     ("scheduler", scheduler, comfy.samplers.KSampler.SCHEDULERS)):
+            if value not in options:  # the host would silently fall back to its first option
+                raise _host.InputError(node, name, "must be one of the host's names (e.g. " + ", ".join(options[:3])
+                                       + ")", repr(value))
+        if not 0.0 <= _host.check_finite(node, "denoise", denoise) <= 1.0:
+            raise _host.InputError(node, "denoise", "must be in [0, 1] (the share of the schedule to run)", denoise)
         _host.check_latent(node, "latent_image", latent_image, model)
         trace = new_trace(record_trace)
         request = build_request(node, negatives, negative_start_percent, negative_end_percent,

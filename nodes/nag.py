@@ -117,6 +117,7 @@ def apply_nag(model, negative, scale: float, tau: float, alpha: float, norm: str
     _host.conditioning_width(negative, NODE, "negative")
     if len(negative) != 1:
         raise _host.InputError(NODE, "negative", "must be a single-entry conditioning (one prompt)", len(negative))
+    _host.check_model(NODE, model)
     _check_family(model)
     config = getattr(getattr(model, "model", None), "model_config", None)
     context_dim = getattr(config, "unet_config", {}).get("context_dim")

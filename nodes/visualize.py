@@ -29,6 +29,14 @@ def check_trace(trace, latent) -> Trace:
     samples = latent.get("samples") if isinstance(latent, dict) else None
     if not isinstance(samples, torch.Tensor):
         raise _host.InputError(NODE, "latent", "must be the LATENT output of the sampler that recorded the trace")
+    if not bool(torch.isfinite(samples).all()):
+        raise _host.InputError(NODE, "latent", "contains NaN or infinite values: the run it comes from diverged")
+    if trace.fingerprint is not None and tuple(samples.shape) != tuple(trace.fingerprint[0]):
+        raise _host.InputError(
+            NODE, "latent",
+            f"must have the shape of the latent the trace's run produced {list(trace.fingerprint[0])}: it comes from "
+            "another sampler or model family", list(samples.shape),
+        )
     if trace.fingerprint is not None and fingerprint(samples) != trace.fingerprint:
         raise _host.InputError(
             NODE, "latent",
@@ -63,8 +71,11 @@ class GuidanceVisualizer(io.ComfyNode):
 
     @classmethod
     def execute(cls, trace, latent, steps, vae=None) -> io.NodeOutput:
-        if not isinstance(steps, int) or steps < 1:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise _host.InputError(NODE, "steps", "must be a whole number of at least 1", steps)
+        if vae is not None and not callable(getattr(vae, "decode", None)):
+            raise _host.InputError(NODE, "vae", "must be a VAE (the output of a checkpoint or VAE loader)",
+                                   type(vae).__name__)
         image = drawing.render(check_trace(trace, latent), steps, vae)
         return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))
 

@@ -13,6 +13,8 @@ the ComfyUI port uses); the ratio ``|Z~| / |Z+|`` is what ``tau`` bounds either 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 NORMS = {"L2": 2, "L1": 1}
@@ -36,5 +38,7 @@ def nag(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: float, tau: float, alph
 def check_parameters(scale: float, tau: float, alpha: float) -> None:
     """Raise ``ValueError`` naming the first parameter out of range."""
     for name, value, low, high in (("scale", scale, 1.0, 100.0), ("tau", tau, 1.0, 100.0), ("alpha", alpha, 0.0, 1.0)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not low <= value <= high:
             raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")

@@ -516,9 +516,9 @@ class DynamicNegative(CFG):
         _finite("offset", self.offset, -1e3, 1e3)
         _finite("p_min", self.p_min, 0.0, 1.0)
         _finite("p_max", self.p_max, 0.0, 0.999999)
-        _finite("prior", self.prior, self.p_min, self.p_max)
-        if self.p_min > self.p_max:
+        if self.p_min > self.p_max:  # before prior, whose range they make
             raise ValueError(f"p_min ({self.p_min}) must not exceed p_max ({self.p_max})")
+        _finite("prior", self.prior, self.p_min, self.p_max)
 
     def new_state(self):
         return {"p": None, "prev": None}
