@@ -156,19 +156,34 @@ def needs_pooled(model) -> bool:
     return False
 
 
-def check_pooled(node: str, model, named) -> None:
-    """Each ``(name, conditioning)`` carries a ``pooled_output`` where the model needs one.
+def model_context_width(model) -> Optional[int]:
+    """The embedding width a UNet's cross-attention takes; None for families whose config does not say it plainly."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    if not isinstance(model.get_model_object("diffusion_model"), UNetModel):
+        return None
+    width = getattr(getattr(model.model, "model_config", None), "unet_config", {}).get("context_dim")
+    return width if isinstance(width, int) and width > 1 else None
+
+
+def check_prompts_fit_model(node: str, model, named, pooled: bool = True) -> None:
+    """Each ``(name, conditioning)`` has what the model reads: its context width (UNets) and, where the
+    family needs one, a ``pooled_output``.
 
     Entries may be raw ``[tensor, dict]`` pairs or the host's converted dicts. Without this, the
-    host stops deep inside the model with ``KeyError: 'pooled_output'``.
+    host stops inside the model's first forward (a shape error, or ``KeyError: 'pooled_output'``).
     """
-    if not needs_pooled(model):
-        return
     family = type(getattr(model.model, "model_config", None)).__name__
+    want = model_context_width(model)
+    pooled = pooled and needs_pooled(model)
     for name, conditioning in named:
         for entry in conditioning or ():
             values = entry if isinstance(entry, dict) else entry[1]
-            if values.get("pooled_output") is None and "unclip_conditioning" not in values:
+            tensor = values.get("cross_attn") if isinstance(entry, dict) else entry[0]
+            if want is not None and tensor is not None and int(tensor.shape[-1]) != want:
+                raise InputError(node, name, f"must have this model's context width ({want}, {family}): it was "
+                                 "encoded by another family's text encoder", int(tensor.shape[-1]))
+            if pooled and values.get("pooled_output") is None and "unclip_conditioning" not in values:
                 raise InputError(
                     node, name,
                     f"has no 'pooled_output', which this model ({family}) needs for every prompt: encode it with "
@@ -242,7 +257,7 @@ def check_model_fit(request: GuidanceRequest, model) -> None:
     named = [(f"negatives[{i}]", e.conditioning) for i, e in enumerate(request.extras)]
     if request.unconditional is not None:
         named.append(("unconditional", request.unconditional))
-    check_pooled(request.node, model, named)
+    check_prompts_fit_model(request.node, model, named)
     if request.rule is None:
         return
     model_sampling = model.get_model_object("model_sampling")
@@ -320,8 +335,9 @@ class _OuterSample:
                 "ignore the negatives; use KSampler, CFGGuider or NegativeGuider with this model",
             )
         _check_finite_conds(node, guider.original_conds)
+        check_prompts_fit_model(node, guider.model_patcher,
+                                [(name, guider.original_conds.get(name)) for name in ("positive", "negative")])
         self._check_widths(_widths(guider.original_conds.get("positive")), _widths(guider.original_conds.get("negative")))
-        check_pooled(node, guider.model_patcher, [(name, guider.original_conds.get(name)) for name in ("positive", "negative")])
         model_sampling = guider.model_patcher.get_model_object("model_sampling")
         spec = resolve_spec(self.request, model_sampling)
         for i, entry in enumerate(self.request.extras):

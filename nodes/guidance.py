@@ -187,7 +187,7 @@ class NegativeGuider(io.ComfyNode):
         trace = new_trace(record_trace)
         request = build_request(node, negatives, negative_start_percent, negative_end_percent,
                                 unconditional, positive, negative, rule, trace)
-        _host.check_pooled(node, model, [("positive", positive), ("negative", negative)])
+        _host.check_prompts_fit_model(node, model, [("positive", positive), ("negative", negative)])
         guider = comfy.samplers.CFGGuider(_host.apply_guidance(model, request))
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
@@ -245,7 +245,7 @@ class NegativeGuidanceSampler(io.ComfyNode):
         trace = new_trace(record_trace)
         request = build_request(node, negatives, negative_start_percent, negative_end_percent,
                                 unconditional, positive, negative, rule, trace)
-        _host.check_pooled(node, model, [("positive", positive), ("negative", negative)])
+        _host.check_prompts_fit_model(node, model, [("positive", positive), ("negative", negative)])
         patched = _host.apply_guidance(model, request)
         host_nodes = importlib.import_module("nodes")  # the host's nodes.py, not this pack's package
         (latent,) = host_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive,

@@ -119,11 +119,7 @@ def apply_nag(model, negative, scale: float, tau: float, alpha: float, norm: str
         raise _host.InputError(NODE, "negative", "must be a single-entry conditioning (one prompt)", len(negative))
     _host.check_model(NODE, model)
     _check_family(model)
-    config = getattr(getattr(model, "model", None), "model_config", None)
-    context_dim = getattr(config, "unet_config", {}).get("context_dim")
-    width = int(negative[0][0].shape[-1])
-    if context_dim is not None and int(context_dim) != width:
-        raise _host.InputError(NODE, "negative", f"must have the model's context width ({context_dim})", width)
+    _host.check_prompts_fit_model(NODE, model, [("negative", negative)], pooled=False)
     if scale == 1.0:
         return model  # Z~ = Z+: NAG is the identity
     patch = NagPatch(negative[0][0].detach(), float(scale), float(tau), float(alpha), norm,

@@ -284,3 +284,17 @@ def test_a_latent_with_another_familys_dimensions_is_named(pack_nodes):
     # a 4-D latent on a video model is a one-frame video, as the host makes it
     out = _sampler(pack_nodes, wan.model(), wan, lat={"samples": torch.zeros(1, 16, 8, 8)})[0]["samples"]
     assert out.shape == (1, 16, 1, 8, 8) and torch.isfinite(out).all()
+
+
+def test_a_prompt_from_another_familys_encoder_is_named(pack_nodes):
+    """SD1.5's 768-wide prompt on SDXL (2048); on the DiTs, widths are checked against the positive prompt."""
+    sdxl, flux = FAMILIES["sdxl"], FAMILIES["flux"]
+    small = [[torch.randn(1, 77, 768), dict(sdxl.cond(1)[0][1])]]
+    with pytest.raises(ValueError, match=re.escape("NegativeGuidanceSampler: input 'positive' must have this model's "
+                                                   "context width (2048, SDXL)")):
+        pack_nodes.NegativeGuidanceSampler.execute(sdxl.model(), 0, STEPS, CFG, "euler", "normal", small, small,
+                                                   sdxl.latent(), 1.0, 0.0, 1.0)
+    wrong = pack_nodes.WeightedNegative.execute([[torch.randn(1, 77, 768), dict(flux.cond(3)[0][1])]], 1.0, 0.0, 1.0)[0]
+    with pytest.raises(ValueError, match=re.escape("NegativeGuidanceSampler: input 'negatives[0]' must have the "
+                                                   "embedding width of 'positive' (4096)")):
+        _sampler(pack_nodes, flux.model(), flux, negatives=wrong)
