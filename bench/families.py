@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tiny import UNET_CONFIG, make_tiny_sd15
+from tiny import UNET_CONFIG, make_random_model
 
 SDXL_UNET = dict(
     UNET_CONFIG, model_channels=64, num_head_channels=64, context_dim=2048, adm_in_channels=2816,
@@ -56,19 +56,7 @@ class Family:
 
     def model(self, seed: int = 0, dtype=torch.float32):
         """A ModelPatcher around a random model of this family, built by the host's own config class."""
-        if self.name == "sd15":
-            return make_tiny_sd15(seed, dtype)
-        import comfy.model_patcher
-        import comfy.supported_models
-
-        config = getattr(comfy.supported_models, self.config_class)(dict(self.unet_config))
-        config.set_inference_dtype(dtype, None)
-        model = config.get_model({})
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.diffusion_model.parameters():
-                p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
-        return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+        return make_random_model(self.config_class, self.unet_config, seed, dtype)
 
     def cond(self, seed: int, tokens: int = 77, batch: int = 1, **extra) -> list:
         """A random CONDITIONING carrying what this family's text encoders give (pooled vector, guidance)."""

@@ -19,10 +19,15 @@ UNET_CONFIG = {
 
 def make_tiny_sd15(seed: int = 0, dtype=torch.float32, device: str = "cpu"):
     """A ModelPatcher around a random SD1.5-shaped UNet: 320 channels, context 768, one level."""
+    return make_random_model("SD15", UNET_CONFIG, seed, dtype, device)
+
+
+def make_random_model(config_class: str, unet_config: dict, seed: int = 0, dtype=torch.float32, device: str = "cpu"):
+    """A ModelPatcher around a random model built by the host's ``supported_models.<config_class>``."""
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.SD15(dict(UNET_CONFIG))
+    config = getattr(comfy.supported_models, config_class)(dict(unet_config))
     config.set_inference_dtype(dtype, None)
     model = config.get_model({})
     gen = torch.Generator().manual_seed(seed)
