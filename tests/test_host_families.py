@@ -298,3 +298,13 @@ def test_a_prompt_from_another_familys_encoder_is_named(pack_nodes):
     with pytest.raises(ValueError, match=re.escape("NegativeGuidanceSampler: input 'negatives[0]' must have the "
                                                    "embedding width of 'positive' (4096)")):
         _sampler(pack_nodes, flux.model(), flux, negatives=wrong)
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux", "wan"])
+def test_half_precision_families_stay_finite(pack_nodes, name):
+    f = FAMILIES[name]
+    model = f.model(seed=2, dtype=torch.bfloat16 if name in ("flux", "wan") else torch.float16)
+    for rule in (rules.APG(), rules.Rescale(), rules.DynamicNegative()):
+        out = _sampler(pack_nodes, model, f, lat=f.latent(batch=2), sampler="euler_ancestral",
+                       negatives=_extras(pack_nodes, f), unconditional=f.cond(4), rule=rule)[0]["samples"]
+        _finite_like(out, f, batch=2)
