@@ -234,20 +234,19 @@ def dng_posterior(
     x32 = up(x)
     s, s_prev = _per_sample(sigma, x32), _per_sample(sigma_prev, x32)
     if flow:
-        ratio = s / s_prev.clamp_min(TINY)  # the step goes down to sigma_down = s * ratio
-        sigma_down = s * ratio
+        sigma_down = s * s / s_prev.clamp_min(TINY)
         alpha = (1.0 - s) / (1.0 - sigma_down).clamp_min(TINY)
         var_up = (s * s - (alpha * sigma_down) ** 2).clamp_min(0.0)
-        ratio = ratio * ratio
-        vp = torch.ones_like(s)
+        vp = 1.0
     else:
         var_up = s * s * (s_prev * s_prev - s * s) / (s_prev * s_prev).clamp_min(TINY)
-        ratio = (s * s - var_up).clamp_min(0.0).sqrt() / s_prev.clamp_min(TINY)  # sigma_down / sigma_prev
-        alpha = torch.ones_like(s)
+        sigma_down = (s * s - var_up).clamp_min(0.0).sqrt()
+        alpha = 1.0
         vp = 1.0 + s * s
-    keep = up(x_prev) * ratio
-    mu_base = alpha * (keep + up(base_prev) * (1.0 - ratio))
-    mu_neg = alpha * (keep + up(neg_prev) * (1.0 - ratio))
+    ratio = sigma_down / s_prev.clamp_min(TINY)
+    keep = up(x_prev) * (alpha * ratio)  # per-sample scalars first: no extra pass over the latent
+    mu_base = keep + up(base_prev) * (alpha * (1.0 - ratio))
+    mu_neg = keep + up(neg_prev) * (alpha * (1.0 - ratio))
     var = var_up / vp
     delta = (_dot(x32 - mu_neg, x32 - mu_neg) - _dot(x32 - mu_base, x32 - mu_base)) / vp
     exponent = (-temperature * delta + offset) / (2.0 * var.clamp_min(TINY))
