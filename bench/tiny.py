@@ -5,6 +5,7 @@ Imports ComfyUI lazily: call these only once the host is importable (``COMFYUI_P
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -34,7 +35,24 @@ def make_random_model(config_class: str, unet_config: dict, seed: int = 0, dtype
     with torch.no_grad():
         for p in model.diffusion_model.parameters():
             p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
+    _fill_fixed_buffers(model.diffusion_model)
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device(device), offload_device=torch.device("cpu"))
+
+
+def _fill_fixed_buffers(diffusion_model: torch.nn.Module) -> None:
+    """Fill the buffers the host allocates with ``torch.empty`` and leaves to the checkpoint.
+
+    SD3's MMDiT keeps its fixed sin-cos position table as such a buffer. Left empty it holds
+    whatever memory it got: NaN on some machines, different finite garbage on others.
+    """
+    pos = getattr(diffusion_model, "pos_embed", None)
+    if isinstance(pos, torch.Tensor) and not isinstance(pos, torch.nn.Parameter):
+        from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed
+
+        grid = math.isqrt(pos.shape[1])
+        table = torch.from_numpy(get_2d_sincos_pos_embed(pos.shape[2], grid)).reshape(pos.shape)
+        with torch.no_grad():
+            pos.copy_(table.to(pos.dtype))
 
 
 def cond(seed: int, width: int = 768, tokens: int = 77, batch: int = 1):
