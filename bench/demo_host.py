@@ -1,6 +1,6 @@
 """The pack's main job, shown in the real host: one sampling run per setting on a tiny random model.
 
-Loads ComfyUI from ``COMFYUI_PATH`` in-process on the CPU, runs KSampler and the pack's
+Loads ComfyUI in-process on the CPU (the host ``scripts/comfy_host.py`` finds or makes), runs KSampler and the pack's
 NegativeGuidanceSampler on an SD1.5-shaped random UNet, and prints, per setting, the model
 forwards and batch rows it cost and how far its latent is from KSampler's.
 
@@ -10,36 +10,26 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import comfy_host  # noqa: E402
 log = logging.getLogger("negative_guidance.demo")
 
 
 def load_host_and_pack(cpu: bool = True):
-    """Import the host from COMFYUI_PATH (on the CPU unless ``cpu`` is False) and the pack by path."""
-    path = os.environ.get("COMFYUI_PATH")
-    if not path or not (Path(path) / "comfy" / "samplers.py").exists():
-        raise SystemExit("COMFYUI_PATH must point at a ComfyUI checkout (0.3.64 tested); see README 'Host tests'")
-    sys.path.insert(0, path)
-    from comfy.cli_args import args
-
-    args.cpu = cpu
-    import comfy.model_management  # noqa: F401
-    import comfy.utils
-
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    spec = importlib.util.spec_from_file_location("negative_guidance_pack", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["negative_guidance_pack"] = pack
-    spec.loader.exec_module(pack)
-    return importlib.import_module("nodes"), importlib.import_module("negative_guidance_pack.nodes.guidance")
+    """Find or make the host (``scripts/comfy_host.py``), import it (on the CPU unless ``cpu`` is False)
+    and the pack by path; return the host's ``nodes`` module and the pack's entry points."""
+    try:
+        comfy_host.import_host(cpu=cpu)
+    except comfy_host.HostNotFound as why:
+        raise SystemExit(f"error: {why}") from None
+    comfy_host.load_pack()
+    return importlib.import_module("nodes"), importlib.import_module(f"{comfy_host.PACK}.nodes.guidance")
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,7 @@ SD1.5-shaped model (built there, no weights downloaded) through the real host an
    PASS or the error; rules whose plan depends on sigma (windows, minimum sigma, interval) read
    it once by design and are reported as such.
 
-    COMFYUI_PATH=/path/to/ComfyUI python bench/gpu_check.py [--rounds 5] [--size 64]
+    python bench/gpu_check.py [--rounds 5] [--size 64]   (the host: scripts/comfy_host.py)
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Speed and memory of the pack against the host, measured side by side in one run (CPU here).
 
-Runs ComfyUI in-process (``COMFYUI_PATH``) on the tiny random SD1.5-shaped model and prints
-medians over interleaved rounds, and each case's ratio to its host baseline:
+Runs ComfyUI in-process (the host ``scripts/comfy_host.py`` finds or makes) on the tiny random
+SD1.5-shaped model and prints medians over interleaved rounds, and each case's ratio to its host
+baseline:
 
 1. a plain negative through each entry point vs KSampler / CFGGuider (target ratio <= 1.02);
 2. k extra negatives (1, 2, 4, 8): the pack (one batched call) vs the host's ConditioningCombine
@@ -13,7 +14,7 @@ medians over interleaved rounds, and each case's ratio to its host baseline:
 5. trace recording on vs off (target <= 1.05);
 6. peak memory (max RSS of a fresh process) with and without the pack.
 
-    COMFYUI_PATH=/work/ComfyUI .venv/bin/python bench/host_bench.py [--rounds 5] [--only 1,2]
+    .venv/bin/python bench/host_bench.py [--rounds 5] [--only 1,2]
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Tiny random host models and helpers, shared by the benchmarks, the demo and the host tests.
 
-Imports ComfyUI lazily: call these only once the host is importable (``COMFYUI_PATH`` on sys.path).
+Imports ComfyUI lazily: call these only once the host is imported (``comfy_host.import_host``).
 """
 from __future__ import annotations
 

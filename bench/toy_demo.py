@@ -10,7 +10,6 @@ of samples with a mustache in each. Runs in seconds on a CPU, with no ComfyUI an
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -20,6 +19,9 @@ import torch
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import comfy_host  # noqa: E402
+
 log = logging.getLogger("negative_guidance.toy_demo")
 
 COLOURS = {"man": (46, 134, 222), "man with mustache": (231, 76, 60), "woman": (155, 89, 182), "cat": (39, 174, 96)}
@@ -29,12 +31,7 @@ PANEL = 300
 
 def load_pack():
     """The pack under a fixed name, without ComfyUI (samplers/ never imports the host)."""
-    name = "negative_guidance_pack"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+    comfy_host.load_pack()
     from negative_guidance_pack.samplers import rules, toy
 
     return rules, toy

@@ -1,22 +1,42 @@
 #!/usr/bin/env bash
-# Creates .venv with what the tests and the demo need. Sourced by scripts/test.sh and scripts/demo.sh.
-# With COMFYUI_PATH set it also installs the host's requirements (torch pinned to the CPU build).
+# Sourced by scripts/test.sh and scripts/demo.sh: finds or makes the host (scripts/comfy_host.py),
+# then makes .venv with the host's requirements and the test tools, torch pinned to the CPU build.
+# pip runs only when what it would install changed; its output goes to .venv/setup.log, printed on failure.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${NEGATIVE_GUIDANCE_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
+SETUP_LOG="$VENV/setup.log"
 
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
-"${PIP[@]}" "torch==2.13.0" "numpy>=1.25,<3" "pillow>=10" "pytest==8.*" "hypothesis==6.*" "diffusers==0.35.2"
+# The pack's own test tools; the host's requirements follow, less the torch family: an unpinned torch
+# pulls a CUDA build of several GB, and PyPI's torchvision only imports beside it once patched.
+TEST_REQUIREMENTS=("torch==2.13.0" "torchvision==0.28.0" "numpy>=1.25,<3" "pillow>=10" "pytest==8.*"
+  "hypothesis==6.*" "diffusers==0.35.2" "requests" "playwright==1.65.*")
 
-if [ -n "${COMFYUI_PATH:-}" ]; then
-  if [ ! -f "$COMFYUI_PATH/requirements.txt" ]; then
-    echo "COMFYUI_PATH=$COMFYUI_PATH has no requirements.txt: not a ComfyUI checkout" >&2
-    exit 2
-  fi
-  # The host's own requirements, less the torch family (pinned here: an unpinned torch pulls a CUDA build).
-  grep -v -E '^\s*(torch|torchvision|torchaudio)\s*$' "$COMFYUI_PATH/requirements.txt" > "$VENV/comfyui-requirements.txt"
-  "${PIP[@]}" "torch==2.13.0" "torchvision==0.28.0" requests "playwright==1.65.*" -r "$VENV/comfyui-requirements.txt"
-  "$VENV/bin/python" "$ROOT/scripts/fix_torchvision_cpu.py"
+setup_failed() {
+  echo "error: $1; the last lines of $SETUP_LOG:" >&2
+  tail -n 40 "$SETUP_LOG" >&2 || true
+  exit 1
+}
+
+COMFYUI_PATH="$("$PY" "$ROOT/scripts/comfy_host.py" host)"
+export COMFYUI_PATH
+
+if [ ! -x "$VENV/bin/python" ]; then
+  mkdir -p "$(dirname "$VENV")"
+  "$PY" -m venv "$VENV" || { echo "error: $PY -m venv $VENV failed" >&2; exit 1; }
+fi
+
+HOST_REQUIREMENTS="$VENV/host-requirements.txt"
+grep -v -E '^\s*(torch|torchvision|torchaudio)\s*$' "$COMFYUI_PATH/requirements.txt" > "$HOST_REQUIREMENTS"
+STAMP="$VENV/.requirements.sha256"
+WANTED="$( { printf '%s\n' "${TEST_REQUIREMENTS[@]}"; cat "$HOST_REQUIREMENTS" "$ROOT/scripts/fix_torchvision_cpu.py"; } \
+  | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANTED" ]; then
+  echo "installing the host's requirements and the test tools into $VENV (log: $SETUP_LOG)"
+  {
+    "$VENV/bin/python" -m pip install --disable-pip-version-check "${TEST_REQUIREMENTS[@]}" -r "$HOST_REQUIREMENTS" \
+      && "$VENV/bin/python" "$ROOT/scripts/fix_torchvision_cpu.py"
+  } > "$SETUP_LOG" 2>&1 || setup_failed "pip could not install the requirements"
+  echo "$WANTED" > "$STAMP"
 fi

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The test command: sets up .venv, then runs every test. Host tests run when COMFYUI_PATH points
-# at a ComfyUI checkout and skip with the reason otherwise.
+# The test command: finds or makes the host and .venv (scripts/setup_env.sh), makes sure Chromium is
+# there for the browser test, then runs every test. Arguments go to pytest. A test skipped for want of
+# the host, the browser or an oracle fails the run (tests/conftest.py); only GPU-only checks may skip.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup_env.sh"
+source "$ROOT/scripts/chromium.sh"
 cd "$ROOT"
 exec "$VENV/bin/python" -m pytest "$@"

@@ -1,66 +1,46 @@
 """Test set-up: load the pack by path; give host tests a real ComfyUI and a tiny random model.
 
-Host tests need ``COMFYUI_PATH`` to point at a ComfyUI checkout (0.3.64 is the tested version)
-and skip with that reason when it is unset. The model is an SD1.5-shaped UNet (320 channels,
-context 768) cut to one level with one res block and one transformer, random weights made here.
+The host is found or made by ``scripts/comfy_host.py`` (``COMFYUI_PATH``, an earlier copy in
+``.host/``, the checked source archive beside the repository, or a clone); a host test never skips
+for want of it. No test may skip at all, except a GPU-only check on a machine without CUDA (its
+reason starts with ``GPU-only``): any other skip fails the run. The model is an SD1.5-shaped UNet
+(320 channels, context 768) cut to one level with one res block and one transformer, random
+weights made here.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
+import importlib
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACK = "negative_guidance_pack"
-
-
-def load_pack():
-    """Import the pack under a fixed name (the repo folder's name varies; never ``import nodes``)."""
-    if PACK in sys.modules:
-        return sys.modules[PACK]
-    spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-load_pack()
+sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import comfy_host  # noqa: E402  (the one lookup of the host, shared with the scripts and bench/)
 
-
-def _host_path():
-    path = os.environ.get("COMFYUI_PATH")
-    if not path:
-        return None, "COMFYUI_PATH is not set: host tests need a ComfyUI checkout (see README, 'Host tests')"
-    if not (Path(path) / "comfy" / "samplers.py").exists():
-        return None, f"COMFYUI_PATH={path} is not a ComfyUI checkout (no comfy/samplers.py)"
-    return path, None
+comfy_host.load_pack()
+PACK = comfy_host.PACK
+pytest_plugins = ["no_skips", "pytester"]
 
 
 @pytest.fixture(scope="session")
 def host():
-    """The real host, imported in-process on the CPU."""
-    path, why = _host_path()
-    if path is None:
-        pytest.skip(why)
-    if path not in sys.path:
-        sys.path.insert(0, path)
-    from comfy.cli_args import args
+    """The real host, found or made by ``scripts/comfy_host.py`` and imported in-process on the CPU."""
+    try:
+        return str(comfy_host.import_host(cpu=True))
+    except comfy_host.HostNotFound as why:
+        pytest.fail(str(why), pytrace=False)
 
-    args.cpu = True
-    import comfy.model_management  # noqa: F401  (must follow args.cpu)
-    import comfy.sample
-    import comfy.samplers
 
-    import comfy.utils
-
-    comfy.utils.PROGRESS_BAR_ENABLED = False
-    importlib.import_module("nodes")  # the host's nodes.py
-    return path
+@pytest.fixture(scope="session")
+def nag_oracle():
+    """The folder of the reference NAG port (``NAG_ORACLE_PATH``, or unpacked from its checked archive)."""
+    try:
+        return comfy_host.ensure(comfy_host.NAG_ORACLE).path
+    except comfy_host.HostNotFound as why:
+        pytest.fail(str(why), pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -73,9 +53,7 @@ def tiny_model(host):
 
 @pytest.fixture(scope="session")
 def pack_nodes(host):
-    import importlib as il
-
-    return il.import_module(f"{PACK}.nodes.guidance")
+    return importlib.import_module(f"{PACK}.nodes.guidance")
 
 
 @pytest.fixture(scope="session")
@@ -97,3 +75,4 @@ def server(host, tmp_path_factory):
 
     with start_server(host, tmp_path_factory.mktemp("comfy_base")) as info:
         yield info
+

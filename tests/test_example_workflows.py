@@ -1,4 +1,4 @@
-"""The example workflows name real nodes and inputs (a full run on a real server is issue 7's)."""
+"""The example workflows name real nodes and inputs (``test_host_server.py`` runs them on a real server)."""
 from __future__ import annotations
 
 import asyncio

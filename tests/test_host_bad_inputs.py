@@ -1,4 +1,4 @@
-"""Issue 9, items 1 and 2, for all sixteen nodes of the pack.
+"""Bad inputs and no mutation, for all sixteen nodes of the pack.
 
 1. One table of bad inputs. Each row must raise the pack's ``InputError`` whose message starts
    ``"<node id>: input '<input name>'"`` and says what was expected, from ``execute`` (or, for a
@@ -201,7 +201,7 @@ def wide_extra(width):
     return lambda k: chain(k, cond(3, width=width))
 
 
-# ---------------------------------------------------------------------------- item 1: the table
+# ---------------------------------------------------------------------------- 1. the table of bad inputs
 
 # (node, input named in the message, what the message says was expected, the call)
 BAD = [
@@ -414,7 +414,7 @@ def test_token_lengths_the_host_cannot_batch_run_as_separate_forwards(kit):
     assert sorted(rows) == [1, 1, 2, 2]  # each step: the positive alone, the negative and the extra (100 each) together
 
 
-# ---------------------------------------------------------------------------- item 2: no mutation
+# ---------------------------------------------------------------------------- 2. no mutation
 
 
 def snapshot(x):

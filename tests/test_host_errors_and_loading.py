@@ -79,7 +79,7 @@ def test_cloned_into_custom_nodes_it_loads_through_the_hosts_loader(host, tmp_pa
 
 
 def test_pyproject_parses_with_the_hosts_comfy_config_reader(host):
-    """The registry fields, read by the host's own reader (issue 7 item 4)."""
+    """The registry fields, read by the host's own reader."""
     from pathlib import Path
 
     config_parser = importlib.import_module("comfy_config.config_parser")

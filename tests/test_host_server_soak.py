@@ -11,7 +11,7 @@ would prove little) and the visualizer's pixels; two seeds must give different l
 comparison has power. The soak queues 50 varied prompts at once, checks every one succeeds and
 that the server's resident memory after the 50th is within 5% of that after the 10th, and
 interrupts one long prompt queued among them. The server is the session-scoped ``server`` fixture
-(``conftest.py``); everything skips without ``COMFYUI_PATH``.
+(``conftest.py``).
 """
 from __future__ import annotations
 

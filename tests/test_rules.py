@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import math
 
+import diffusers.guiders as diffusers_guiders
 import pytest
 import torch
+from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
+from diffusers.guiders.guider_utils import rescale_noise_cfg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from negative_guidance_pack.samplers import engine, rules
-
-diffusers_guiders = pytest.importorskip("diffusers.guiders", reason="diffusers (a test-only dependency) is missing")
-from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance  # noqa: E402
-from diffusers.guiders.guider_utils import rescale_noise_cfg  # noqa: E402
 
 
 def rand(*shape, seed=0, dtype=torch.float32):
