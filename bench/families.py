@@ -5,13 +5,19 @@ flow, shift), latent format, extra conditionings (SDXL's ADM vector, SD3's and F
 vector, Flux's guidance embedding) and forward are the host's; only depth and width are cut so a
 step takes milliseconds on a CPU. Weights are random, made here. Imports ComfyUI lazily.
 
-Families: ``sd15`` (UNet, eps), ``sdxl`` (UNet with ADM, eps), ``sd3`` (MMDiT, flow, 16
+``FAMILIES``: ``sd15`` (UNet, eps), ``sdxl`` (UNet with ADM, eps), ``sd3`` (MMDiT, flow, 16
 channels), ``flux`` (double/single-stream DiT, flow, guidance embedding) and ``wan`` (Wan 2.1
-text-to-video DiT, flow, 5-D latents ``[batch, 16, frames, height, width]``).
+text-to-video DiT, flow, 5-D latents ``[batch, 16, frames, height, width]``): every entry point and
+rule runs on these. ``MORE_FAMILIES`` adds the rest of the host's text-conditioned families, for
+attention-level guidance: SD3.5 (a second, image-only attention), Chroma, HiDream (llama tokens per
+block), Wan I2V (CLIP image tokens), Wan VACE, Wan 2.2 5B, LTXV (text mask), HunyuanVideo (text
+refiner), Qwen-Image and Lumina2. ``ALL_FAMILIES`` is both.
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
@@ -39,6 +45,53 @@ WAN_DIT = {
 }
 
 
+SD35_DIT = dict(SD3_DIT, x_block_self_attn_layers=[0], qk_norm="rms")
+CHROMA_DIT = {
+    "image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 4096, "hidden_size": 64,
+    "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000,
+    "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 64, "hidden_dim": 64, "n_layers": 1,
+}
+HIDREAM_DIT = {
+    "image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 1,
+    "num_single_layers": 1, "attention_head_dim": 32, "num_attention_heads": 2, "caption_channels": [4096, 4096],
+    "text_emb_dim": 2048, "num_routed_experts": 2, "num_activated_experts": 2, "axes_dims_rope": [16, 8, 8],
+    "max_resolution": [128, 128], "llama_layers": [0, 1],
+}
+WAN2_DIT = dict(WAN_DIT, num_heads=2)
+LTXV_DIT = {
+    "image_model": "ltxv", "in_channels": 128, "cross_attention_dim": 64, "attention_head_dim": 32,
+    "num_attention_heads": 2, "caption_channels": 4096, "num_layers": 1,
+}
+HUNYUAN_VIDEO_DIT = {
+    "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
+    "hidden_size": 64, "mlp_ratio": 4.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+    "axes_dim": [8, 12, 12], "theta": 256, "patch_size": [1, 2, 2], "qkv_bias": True, "guidance_embed": True,
+    "byt5": False, "meanflow": False,
+}
+QWEN_IMAGE_DIT = {
+    "image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 1, "attention_head_dim": 32,
+    "num_attention_heads": 2, "joint_attention_dim": 3584, "axes_dims_rope": [8, 12, 12], "patch_size": 2,
+}
+LUMINA2_DIT = {
+    "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 64, "cap_feat_dim": 2304, "n_layers": 1,
+    "n_refiner_layers": 1, "n_heads": 2, "n_kv_heads": 1, "qk_norm": True, "axes_dims": [8, 12, 12],
+    "axes_lens": [300, 512, 512],
+}
+
+
+def _text_mask(gen, tokens, batch):
+    return {"attention_mask": torch.ones(batch, tokens, dtype=torch.long)}
+
+
+def _llama(gen, tokens, batch, llama_tokens=6):
+    return {"conditioning_llama3": torch.randn(batch, 2, llama_tokens, 4096, generator=gen)}
+
+
+def _clip_vision(gen, tokens, batch, image_tokens=5):
+    output = types.SimpleNamespace(penultimate_hidden_states=torch.randn(batch, image_tokens, 1280, generator=gen))
+    return {"clip_vision_output": output}
+
+
 @dataclass(frozen=True)
 class Family:
     """What a test needs to sample one family: its model config, context and pooled widths, latent shape."""
@@ -49,10 +102,12 @@ class Family:
     context_width: int
     pooled_width: int = 0
     channels: int = 4
-    frames: int = 0
+    frames: Optional[int] = None
     flow: bool = False
     unet: bool = False
     extra: dict = field(default_factory=dict, repr=False)
+    per_prompt: Optional[Callable] = field(default=None, repr=False)  # (generator, tokens, batch) -> more keys
+    size: int = 8  # latent height and width the tests use
 
     def model(self, seed: int = 0, dtype=torch.float32):
         """A ModelPatcher around a random model of this family, built by the host's own config class."""
@@ -64,11 +119,14 @@ class Family:
         values = dict(self.extra)
         if self.pooled_width:
             values["pooled_output"] = torch.randn(batch, self.pooled_width, generator=gen)
+        if self.per_prompt is not None:
+            values.update(self.per_prompt(gen, tokens, batch))
         values.update(extra)
         return [[torch.randn(batch, tokens, self.context_width, generator=gen), values]]
 
-    def latent(self, batch: int = 1, size: int = 8) -> dict:
-        shape = (batch, self.channels) + ((self.frames,) if self.frames else ()) + (size, size)
+    def latent(self, batch: int = 1, size: Optional[int] = None) -> dict:
+        size = size or self.size
+        shape = (batch, self.channels) + ((self.frames,) if self.frames is not None else ()) + (size, size)
         return {"samples": torch.zeros(shape)}
 
 
@@ -82,3 +140,22 @@ FAMILIES = {
         Family("wan", "WAN21_T2V", WAN_DIT, 4096, channels=16, frames=2, flow=True),
     )
 }
+
+MORE_FAMILIES = {
+    f.name: f for f in (
+        Family("sd35", "SD3", SD35_DIT, 4096, pooled_width=2048, channels=16, flow=True),
+        Family("chroma", "Chroma", CHROMA_DIT, 4096, channels=16, flow=True, extra={"pooled_output": None}),
+        Family("hidream", "HiDream", HIDREAM_DIT, 4096, pooled_width=2048, channels=16, flow=True, per_prompt=_llama),
+        Family("wan_i2v", "WAN21_I2V", dict(WAN2_DIT, model_type="i2v", in_dim=36), 4096, channels=16, frames=2,
+               flow=True, per_prompt=_clip_vision),
+        Family("wan_vace", "WAN21_Vace", dict(WAN2_DIT, model_type="vace", vace_in_dim=96, vace_layers=1), 4096,
+               channels=16, frames=2, flow=True),
+        Family("wan22_5b", "WAN22_T2V", dict(WAN2_DIT, in_dim=48, out_dim=48), 4096, channels=48, frames=2, flow=True),
+        Family("ltxv", "LTXV", LTXV_DIT, 4096, channels=128, frames=2, flow=True, per_prompt=_text_mask),
+        Family("hunyuan_video", "HunyuanVideo", HUNYUAN_VIDEO_DIT, 4096, pooled_width=768, channels=16, frames=2,
+               flow=True),
+        Family("qwen_image", "QwenImage", QWEN_IMAGE_DIT, 3584, channels=16, frames=1, flow=True),
+        Family("lumina2", "Lumina2", LUMINA2_DIT, 2304, channels=16, flow=True, per_prompt=_text_mask, size=10),
+    )
+}
+ALL_FAMILIES = {**FAMILIES, **MORE_FAMILIES}

@@ -10,6 +10,7 @@ weights made here.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -41,6 +42,17 @@ def nag_oracle():
         return comfy_host.ensure(comfy_host.NAG_ORACLE).path
     except comfy_host.HostNotFound as why:
         pytest.fail(str(why), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def nag_port(host, nag_oracle):
+    """The reference ComfyUI NAG port (an oracle, loaded by path under a name of its own): its node module."""
+    spec = importlib.util.spec_from_file_location("nag_reference_port", nag_oracle / "__init__.py",
+                                                  submodule_search_locations=[str(nag_oracle)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["nag_reference_port"] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module("nag_reference_port.node")
 
 
 @pytest.fixture(scope="session")

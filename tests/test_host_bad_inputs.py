@@ -320,7 +320,7 @@ BAD = [
     ("NegationSplitterEncode", "extra_negative", "must be a string", run("NegationSplitterEncode", extra_negative=b"blurry")),
     # NegativeAttentionGuidance
     ("NegativeAttentionGuidance", "model", "must be a MODEL", run("NegativeAttentionGuidance", model=None)),
-    ("NegativeAttentionGuidance", "model", "must be a UNet model", run("NegativeAttentionGuidance", model=dit_like)),
+    ("NegativeAttentionGuidance", "model", "a family NAG does not reach", run("NegativeAttentionGuidance", model=dit_like)),
     ("NegativeAttentionGuidance", "negative", "context width (768, SD15)", run("NegativeAttentionGuidance", negative=lambda k: cond(7, width=2048))),
     ("NegativeAttentionGuidance", "negative", "single-entry conditioning", run("NegativeAttentionGuidance", negative=lambda k: cond(7) + cond(8))),
     ("NegativeAttentionGuidance", "negative", "non-empty CONDITIONING list, got dict", run("NegativeAttentionGuidance", negative={})),
