@@ -21,11 +21,12 @@ import comfy_host  # noqa: E402
 log = logging.getLogger("negative_guidance.demo")
 
 
-def load_host_and_pack(cpu: bool = True):
-    """Find or make the host (``scripts/comfy_host.py``), import it (on the CPU unless ``cpu`` is False)
-    and the pack by path; return the host's ``nodes`` module and the pack's entry points."""
+def load_host_and_pack(cpu: bool = True, pytorch_attention: bool = False):
+    """Find or make the host (``scripts/comfy_host.py``), import it (on the CPU unless ``cpu`` is False,
+    with PyTorch's attention kernel if asked) and the pack by path; return the host's ``nodes`` module
+    and the pack's entry points."""
     try:
-        comfy_host.import_host(cpu=cpu)
+        comfy_host.import_host(cpu=cpu, pytorch_attention=pytorch_attention)
     except comfy_host.HostNotFound as why:
         raise SystemExit(f"error: {why}") from None
     comfy_host.load_pack()

@@ -165,8 +165,9 @@ def attention_override(previous, state: CallState, func, *args, **kwargs):
     q, k, v, mask, rebuild = _call_parts(args, kwargs)
     skip = bool(kwargs.get("skip_reshape", False))
     q_dim = 2 if skip else 1
+    heads = args[3] if len(args) > 3 else kwargs["heads"]
     call = nag_math.Call(q, k, v, mask, q_dim=q_dim, v_dim=2 if skip else 1,
-                         out_dim=2 if kwargs.get("skip_output_reshape", False) else 1)
+                         out_dim=2 if kwargs.get("skip_output_reshape", False) else 1, heads=heads)
 
     def attend(nq, nk, nv, nmask):
         return run(*rebuild(nq, nk, nv, nmask))
@@ -183,11 +184,21 @@ def attention_override(previous, state: CallState, func, *args, **kwargs):
     if state.realign is not None:
         table, which = state.realign
         pos, neg, _ = layout.joint_indices(q.device)
-        heads = args[3] if len(args) > 3 else kwargs["heads"]
         index = pos if which == "positive" else neg
         call = dataclasses.replace(call, q=nag_math.rotate_tokens(q, table, q_dim, index, heads),
                                    k=nag_math.rotate_tokens(k, table, q_dim, index, heads))
+    if previous is None and mask is None and _exact_host_kernel(func):
+        return nag_math.joint_attention_shared_image(attend, call, layout, rows, params)
     return nag_math.joint_attention(attend, call, layout, rows, params)
+
+
+HOST_KERNELS = {"attention_pytorch", "attention_sub_quad", "attention_split", "attention_basic"}
+
+
+def _exact_host_kernel(func) -> bool:
+    """The host's own exact attention (not a third-party kernel a user chose, such as sage's): the image
+    part may then be computed with PyTorch's, once for both texts."""
+    return getattr(func, "__module__", None) == "comfy.ldm.modules.attention" and func.__name__ in HOST_KERNELS
 
 
 def _classify(state: CallState, call: nag_math.Call) -> str:

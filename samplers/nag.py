@@ -154,6 +154,17 @@ class Call:
     q_dim: int
     v_dim: int
     out_dim: int
+    heads: int = 0
+
+    def heads_first(self, t: torch.Tensor, token_dim: int) -> torch.Tensor:
+        """``[B, heads, L, d]`` of a q, k or v (given as that, ``[B, L, heads, d]`` or ``[B, L, heads * d]``)."""
+        if t.ndim == 4:
+            return t if token_dim == 2 else t.transpose(1, 2)
+        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def output(self, heads_first: torch.Tensor) -> torch.Tensor:
+        """A ``[B, heads, L, d]`` result in this call's output layout."""
+        return heads_first if self.out_dim == 2 else heads_first.transpose(1, 2).flatten(2)
 
     @property
     def queries(self) -> int:
@@ -246,6 +257,87 @@ def joint_attention(attend: Attend, call: Call, layout: Layout, rows: Rows, para
     guided.index_copy_(d, minus, z_minus)
     if layout.image:
         guided.index_copy_(d, image, _combine(params, img_plus, guided.index_select(d, image), d))
+    return out.index_copy(0, rows.positive, guided)
+
+
+# ---------------------------------------------------------------------------- the image part computed once
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """``softmax(q k^T / sqrt(d)) v`` and the log-sum-exp of each query's logits, ``[B, heads, L, d]``.
+
+    PyTorch's fused kernels return the log-sum-exp alongside the output (it is what lets flash
+    attention work in tiles); where none runs, the same is computed in query chunks.
+    """
+    kernels = {"cuda": (_flash_cuda, _efficient_cuda), "cpu": (_flash_cpu,)}.get(q.device.type, ())
+    for kernel in kernels:
+        try:
+            out, lse = kernel(q, k, v)
+            return out, lse[..., :q.shape[2]].float()
+        except (RuntimeError, NotImplementedError, AttributeError):
+            continue
+    return _attention_lse_chunked(q, k, v)
+
+
+def _flash_cuda(q, k, v):
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False)[:2]
+
+
+def _efficient_cuda(q, k, v):
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+
+
+def _flash_cpu(q, k, v):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)[:2]
+
+
+def _attention_lse_chunked(q, k, v, budget: int = 1 << 26):
+    scale = q.shape[-1] ** -0.5
+    step = max(1, budget // max(1, q.shape[0] * q.shape[1] * k.shape[2]))
+    outs, lses = [], []
+    kf, vf = k.float(), v.float()
+    for start in range(0, q.shape[2], step):
+        logits = torch.matmul(q[:, :, start:start + step].float(), kf.transpose(-1, -2)) * scale
+        lse = torch.logsumexp(logits, dim=-1)
+        outs.append(torch.matmul(torch.exp(logits - lse[..., None]), vf).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def merge_attention(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """Attention over the union of two key sets, from the attention over each and their log-sum-exps."""
+    top = torch.maximum(lse_a, lse_b)
+    wa, wb = torch.exp(lse_a - top)[..., None], torch.exp(lse_b - top)[..., None]
+    return ((out_a.float() * wa + out_b.float() * wb) / (wa + wb)).to(out_a.dtype)
+
+
+def joint_attention_shared_image(attend: Attend, call: Call, layout: Layout, rows: Rows, params: Params) -> torch.Tensor:
+    """:func:`joint_attention` with the image-to-image attention computed once for both texts.
+
+    The image's keys are the same under either text, so an image query's attention splits into its
+    attention over the image (done once) and over each text, merged by their log-sum-exps: the exact
+    softmax over the union. The text queries go through the host's kernel (``attend``) as before.
+    """
+    device = call.q.device
+    pos, neg, image = layout.joint_indices(device)
+    q, k, v = call.heads_first(call.q, call.q_dim), call.heads_first(call.k, call.q_dim), call.heads_first(call.v, call.v_dim)
+    take = lambda t, index, r=None: (t if r is None else t.index_select(0, r)).index_select(2, index)
+    q_img, k_img, v_img = take(q, image), take(k, image), take(v, image)
+    image_out, image_lse = attention_lse(q_img, k_img, v_img)
+    plus_img = merge_attention(image_out, image_lse, *attention_lse(q_img, take(k, pos), take(v, pos)))
+    minus_img = merge_attention(image_out.index_select(0, rows.positive), image_lse.index_select(0, rows.positive),
+                                *attention_lse(take(q, image, rows.positive), take(k, neg, rows.positive),
+                                               take(v, neg, rows.positive)))
+    plus_keys, minus_keys = torch.cat([pos, image]).sort().values, torch.cat([neg, image]).sort().values
+    plus_txt, minus_txt = _attend_pieces(attend, call, [(None, pos, plus_keys), (rows.positive, neg, minus_keys)])
+    d = call.out_dim
+    plus_img, minus_img = call.output(plus_img), call.output(minus_img)
+    out = plus_txt.new_zeros(plus_txt.shape[:d] + (layout.joint,) + plus_txt.shape[d + 1:])
+    out.index_copy_(d, pos, plus_txt)
+    out.index_copy_(d, image, plus_img)
+    guided = out.index_select(0, rows.positive)
+    guided.index_copy_(d, neg, minus_txt)
+    guided.index_copy_(d, image, _combine(params, plus_img.index_select(0, rows.positive), minus_img, d))
     return out.index_copy(0, rows.positive, guided)
 
 

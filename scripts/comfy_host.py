@@ -241,11 +241,12 @@ def load_pack():
     return module
 
 
-def import_host(cpu: bool = True) -> Path:
-    """Find or make the host, put it on ``sys.path`` and import it in-process (on the CPU unless told).
+def import_host(cpu: bool = True, pytorch_attention: bool = False) -> Path:
+    """Find or make the host, put it on ``sys.path`` and import it in-process (on the CPU unless told;
+    with PyTorch's attention kernel, the host's ``--use-pytorch-cross-attention``, if asked).
 
-    ``args.cpu`` must be set before ``comfy.model_management`` is first imported; the host's
-    ``nodes.py`` is imported too, so its node classes and custom-node loading are ready.
+    ``args`` must be set before ``comfy.model_management`` is first imported; the host's ``nodes.py``
+    is imported too, so its node classes and custom-node loading are ready.
     """
     path = str(ensure(HOST).path)
     if path not in sys.path:
@@ -253,6 +254,7 @@ def import_host(cpu: bool = True) -> Path:
     from comfy.cli_args import args
 
     args.cpu = cpu
+    args.use_pytorch_cross_attention = args.use_pytorch_cross_attention or pytorch_attention
     import importlib
 
     importlib.import_module("comfy.model_management")

@@ -192,3 +192,33 @@ def test_a_heads_first_layout_gives_the_same_result():
     attend = lambda q_, k_, v_, m: sdpa(*(t.transpose(1, 2).flatten(2) for t in (q_, k_, v_)), m)
     got = nag.cross_attention(attend, nag.Call(heads(q), heads(k), heads(v), None, 2, 2, 1), layout, rows, PARAMS)
     torch.testing.assert_close(got, flat)
+
+
+def test_attention_with_its_log_sum_exp_is_attention():
+    q, k, v = (rand(2, 2, 6, 4, seed=s).float() for s in (30, 31, 32))
+    out, lse = nag.attention_lse(q, k, v)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    torch.testing.assert_close(lse, torch.logsumexp(q @ k.transpose(-1, -2) / 2.0, dim=-1))
+    chunked = nag._attention_lse_chunked(q, k, v, budget=16)
+    torch.testing.assert_close(chunked[0], out)
+    torch.testing.assert_close(chunked[1], lse)
+
+
+def test_merging_two_key_sets_is_attention_over_both():
+    q, k, v = (rand(1, 2, 5, 4, seed=s).float() for s in (33, 34, 35))
+    k2, v2 = rand(1, 2, 3, 4, seed=36).float(), rand(1, 2, 3, 4, seed=37).float()
+    merged = nag.merge_attention(*nag.attention_lse(q, k, v), *nag.attention_lse(q, k2, v2))
+    both = torch.nn.functional.scaled_dot_product_attention(q, torch.cat([k, k2], 2), torch.cat([v, v2], 2))
+    torch.testing.assert_close(merged, both)
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_the_image_computed_once_gives_the_joint_attention(text_first):
+    layout = nag.Layout(((3, 2), (2, 2, 1)), image=5, text_first=text_first)
+    n = layout.joint
+    rows = nag.Rows(3, torch.tensor([0, 2]))
+    q, k, v = (rand(3, n, 8, seed=s).float() for s in (38, 39, 40))
+    c = nag.Call(q, k, v, None, 1, 1, 1, heads=HEADS)
+    want = nag.joint_attention(lambda *a: sdpa(*a).float(), c, layout, rows, PARAMS)
+    got = nag.joint_attention_shared_image(lambda *a: sdpa(*a).float(), c, layout, rows, PARAMS)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
