@@ -109,9 +109,9 @@ class Family:
     per_prompt: Optional[Callable] = field(default=None, repr=False)  # (generator, tokens, batch) -> more keys
     size: int = 8  # latent height and width the tests use
 
-    def model(self, seed: int = 0, dtype=torch.float32):
+    def model(self, seed: int = 0, dtype=torch.float32, device: str = "cpu"):
         """A ModelPatcher around a random model of this family, built by the host's own config class."""
-        return make_random_model(self.config_class, self.unet_config, seed, dtype)
+        return make_random_model(self.config_class, self.unet_config, seed, dtype, device)
 
     def cond(self, seed: int, tokens: int = 77, batch: int = 1, **extra) -> list:
         """A random CONDITIONING carrying what this family's text encoders give (pooled vector, guidance)."""

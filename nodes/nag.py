@@ -30,7 +30,7 @@ from ..samplers.nag import NORMS, Params, Rows, check_parameters
 from ..samplers.schedule import SigmaWindow
 from . import _host
 from .guidance import CATEGORY
-from .nag_families import Unsupported, adapter_for
+from .nag_families import Unsupported, adapter_for, refusal
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,9 @@ def _window(model, start_percent: float, end_percent: float) -> SigmaWindow:
 def _adapter(model):
     dm = model.get_model_object("diffusion_model")
     dm = getattr(dm, "_orig_mod", dm)  # a torch.compile'd model keeps its module here
+    why = refusal(dm)
+    if why is not None:
+        raise _host.InputError(NODE, "model", f"is a {type(dm).__name__}, which NAG cannot guide: {why}")
     adapter = adapter_for(dm)
     if adapter is None:
         raise _host.InputError(

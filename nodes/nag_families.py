@@ -19,6 +19,7 @@ Each adapter also names what the family needs of the negative, and how many imag
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -255,10 +256,11 @@ class HunyuanVideo(Adapter):
             raise Unsupported("the prompt carries ByT5 glyph tokens (HunyuanImage), which NAG does not split")
 
     def image_tokens(self, dm, x, kwargs):
-        tokens = math.prod(_patches(s, p) for s, p in zip(x.shape[2:], dm.patch_size))
+        patch = dm.patch_size[-(x.ndim - 2):]  # HunyuanImage 2.1 runs the same model on 4-D latents
+        tokens = math.prod(_patches(s, p) for s, p in zip(x.shape[2:], patch))
         ref = kwargs.get("ref_latent")
         if ref is not None:
-            tokens += math.prod(_patches(s, p) for s, p in zip(ref.shape[2:], dm.patch_size))
+            tokens += math.prod(_patches(s, p) for s, p in zip(ref.shape[2:], dm.patch_size[-(ref.ndim - 2):]))
         return tokens
 
     def prepare(self, dm, x, t, c_concat, context, control, kwargs, negative, rows):
@@ -322,10 +324,46 @@ class Lumina2(Adapter):
         return p
 
 
+_ROTATIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _rotation(embedder, offset: int, axes: tuple, device) -> torch.Tensor:
-    """The model's own rotary table for moving a token by ``offset`` along the given axes: ``[d/2, 2, 2]``."""
-    ids = torch.tensor([[[offset if on else 0 for on in axes]]], device=device)
-    return embedder(ids).reshape(-1, 2, 2)
+    """The model's own rotary table for moving a token by ``offset`` along the given axes: ``[d/2, 2, 2]``
+    (made once per model, offset and device, so a step makes no host-to-device copy)."""
+    tables = _ROTATIONS.setdefault(embedder, {})
+    key = (offset, axes, device)
+    if key not in tables:
+        ids = torch.tensor([[[offset if on else 0 for on in axes]]], device=device)
+        tables[key] = embedder(ids).reshape(-1, 2, 2)
+    return tables[key]
+
+
+NOT_REACHED = "its attention is called without the host's transformer options, so no attention override reaches it"
+NOT_BUILT = ("its attention does reach the host's attention override, but NAG has no adapter yet for where this "
+             "family puts its text")
+REFUSED = {
+    # by the class of the diffusion model, checked before the families above (some subclass them)
+    "WanModel_S2V": "its audio cross-attention has key counts NAG would have to tell apart from the text's; not built yet",
+    "HumoWanModel": "its audio cross-attention has key counts NAG would have to tell apart from the text's; not built yet",
+    "AnimateWanModel": "its face-adapter attention is not one NAG knows; not built yet",
+    "ChromaRadiance": "it works on pixels, not the latent patches NAG counts; not built yet",
+    "PixArtMS": NOT_REACHED,
+    "HunYuanDiT": NOT_REACHED,
+    "MMDiT": NOT_BUILT,  # AuraFlow (SD3's MMDiT is checked first by its own class)
+    "GeneralDIT": NOT_BUILT,
+    "MiniTrainDIT": NOT_BUILT,
+    "AsymmDiTJoint": NOT_BUILT,
+    "OmniGen2Transformer2DModel": NOT_BUILT,
+    "StageC": NOT_BUILT,
+    "StageB": NOT_BUILT,
+    "AudioDiffusionTransformer": "it makes audio; NAG here guides image and video models",
+    "ACEStepTransformer2DModel": "it makes audio; NAG here guides image and video models",
+}
+
+
+def refusal(dm) -> Optional[str]:
+    """Why NAG cannot guide this diffusion model, for the families it refuses by name."""
+    return REFUSED.get(type(dm).__name__)
 
 
 def adapter_for(dm) -> Optional[Adapter]:

@@ -19,6 +19,7 @@ attention function is passed in as ``attend(q, k, v, mask)``, so whatever comput
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -99,21 +100,32 @@ class Layout:
 
     def text_indices(self, device) -> tuple:
         """(positive, negative) token indices within the text stream."""
-        pos, neg, start = [], [], 0
-        for segment in self.segments:
-            p, n = segment[:2]
-            pos.append(torch.arange(start, start + p))
-            neg.append(torch.arange(start + p, start + p + n))
-            start += sum(segment)
-        return torch.cat(pos).to(device), torch.cat(neg).to(device)
+        return _text_indices(self, torch.device(device))
 
     def joint_indices(self, device) -> tuple:
         """(positive text, negative text, image) token indices within the joint sequence."""
-        pos, neg = self.text_indices(device)
-        offset = 0 if self.text_first else self.image
-        image_start = self.text if self.text_first else 0
-        image = torch.arange(image_start, image_start + self.image, device=device)
-        return pos + offset, neg + offset, image
+        return _joint_indices(self, torch.device(device))
+
+
+# made on the device itself (no host-to-device copy) once per layout: the same for every layer and step
+@functools.lru_cache(maxsize=64)
+def _text_indices(layout: Layout, device: torch.device) -> tuple:
+    pos, neg, start = [], [], 0
+    for segment in layout.segments:
+        p, n = segment[:2]
+        pos.append(torch.arange(start, start + p, device=device))
+        neg.append(torch.arange(start + p, start + p + n, device=device))
+        start += sum(segment)
+    return torch.cat(pos), torch.cat(neg)
+
+
+@functools.lru_cache(maxsize=64)
+def _joint_indices(layout: Layout, device: torch.device) -> tuple:
+    pos, neg = _text_indices(layout, device)
+    offset = 0 if layout.text_first else layout.image
+    image_start = layout.text if layout.text_first else 0
+    image = torch.arange(image_start, image_start + layout.image, device=device)
+    return pos + offset, neg + offset, image
 
 
 @dataclass(frozen=True)

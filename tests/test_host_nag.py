@@ -317,3 +317,28 @@ def test_a_longer_negative_costs_its_own_tokens_only(nag, host_nodes):
     out = sample(host_nodes, guided, f, pos, neg)
     assert torch.isfinite(out).all()
     assert {k[1] for q, k, _ in recorder.calls if q[1] != k[1]} == {TOKENS, 154}
+
+
+@pytest.mark.parametrize("name,why", [("PixArtMS", "without the host.s transformer options"), ("WanModel_S2V", "audio"),
+                                      ("MMDiT", "no adapter yet"), ("ChromaRadiance", "pixels")])
+def test_a_family_nag_cannot_reach_is_refused_by_name_with_why(nag, name, why):
+    class Patcher:  # a MODEL whose diffusion model is of that class
+        def clone(self):
+            return self
+
+        def get_model_object(self, key):
+            return type(name, (torch.nn.Module,), {})()
+
+    with pytest.raises(ValueError, match=rf"input 'model' is a {name}, which NAG cannot guide: .*{why}"):
+        patched(nag, Patcher(), [[torch.randn(1, 8, 64), {}]])
+
+
+def test_flux_kontext_reference_tokens_are_guided_like_the_port(nag, nag_port, host_nodes):
+    f = ALL_FAMILIES["flux"]
+    reference = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(5))
+    pos, neg, nag_neg = prompts(f)
+    pos = [[pos[0][0], dict(pos[0][1], reference_latents=[reference])]]
+    want = port_sample(nag_port, f, pos, neg, nag_neg)
+    got = sample(host_nodes, patched(nag, f.model(), nag_neg), f, pos, neg)
+    plain = sample(host_nodes, f.model(), f, pos, neg)
+    assert rel_diff(got, want) <= 1e-4 < rel_diff(plain, want)
