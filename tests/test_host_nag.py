@@ -342,3 +342,42 @@ def test_flux_kontext_reference_tokens_are_guided_like_the_port(nag, nag_port, h
     got = sample(host_nodes, patched(nag, f.model(), nag_neg), f, pos, neg)
     plain = sample(host_nodes, f.model(), f, pos, neg)
     assert rel_diff(got, want) <= 1e-4 < rel_diff(plain, want)
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl", "wan", "ltxv"])
+def test_on_cross_attention_models_nag_adds_exactly_one_cross_attention_per_layer(nag, host_nodes, name):
+    """The extra FLOPs of a step are the negative's keys, values and attention in each cross-attention, plus
+    (Wan, LTXV) its text embedding once per model call: nothing else."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    f = ALL_FAMILIES[name]
+    pos, neg, nag_neg = prompts(f, neg_tokens=5)
+    model = f.model()
+    layers = []  # (image tokens, inner width, context width) of each cross-attention
+    cross = [m for n, m in model.model.diffusion_model.named_modules()
+             if n.endswith(("attn2", "cross_attn")) and hasattr(m, "q" if name == "wan" else "to_q")]
+    hooks = [m.register_forward_pre_hook(lambda mod, args: layers.append(args[0].shape[1])) for m in cross]
+
+    def count(m):
+        layers.clear()
+        with FlopCounterMode(display=False) as counter:
+            host_nodes.common_ksampler(m, 0, 1, 1.0, "euler", "normal", pos, neg, f.latent())
+        return counter.get_total_flops(), list(layers)
+
+    try:
+        plain, tokens = count(model)
+        guided, _ = count(patched(nag, model, nag_neg))
+    finally:
+        for h in hooks:
+            h.remove()
+    expected = 0
+    for module, n in zip(cross, tokens):
+        k = module.k if name == "wan" else module.to_k
+        inner, width = k.weight.shape
+        expected += 2 * 2 * 5 * width * inner + 2 * 2 * n * 5 * inner  # k and v of 5 tokens; QK^T and PV
+    dm = model.model.diffusion_model
+    embed = {"wan": lambda: dm.text_embedding, "ltxv": lambda: dm.caption_projection}.get(name)
+    if embed is not None:
+        expected += sum(2 * 5 * m.weight.shape[0] * m.weight.shape[1] for m in embed().modules()
+                        if isinstance(m, torch.nn.Linear))
+    assert guided - plain == expected
