@@ -12,7 +12,9 @@ baseline:
 4. the guidance math alone (engine + each rule) at SD1.5, SDXL and video latent sizes, batch 1
    and 4, as a share of one forward of the tiny model at the same size (video: absolute time);
 5. trace recording on vs off (target <= 1.05);
-6. peak memory (max RSS of a fresh process) with and without the pack.
+6. peak memory (max RSS of a fresh process) with and without the pack;
+7. the cached negative against no negative and full CFG in one run, with a window and extras:
+   time, forwards and batch rows per evaluation, and the latent's difference from full CFG.
 
     .venv/bin/python bench/host_bench.py [--rounds 5] [--only 1,2]
 """
@@ -264,13 +266,48 @@ def memory(ctx, rounds):
         log.info("  %-46s %8.0f MiB  x%.3f", labels[case], mib, mib / results["host"])
 
 
-SECTIONS = {1: entry_points, 2: extra_negatives, 3: windows, 4: math_only, 5: trace_cost, 6: memory}
+def cached_negative(ctx, rounds):
+    """The cached negative against no negative and full CFG, with windows and extras, 20 euler steps."""
+    g, host_nodes, model = ctx["g"], ctx["host_nodes"], ctx["model"]
+    rules = importlib.import_module("negative_guidance_pack.samplers.rules")
+    pos, neg, lat = cond(1), cond(2), latent(size=SIZE)
+    steps = 20
+    chain = None
+    for i in range(2):
+        chain = g.WeightedNegative.execute(cond(100 + i), 1.0, 0.0, 1.0, negatives=chain)[0]
+
+    def pack(**kw):
+        return lambda: g.NegativeGuidanceSampler.execute(model, 0, steps, CFG, "euler", "normal", pos, neg, lat, 1.0,
+                                                         kw.pop("start", 0.0), kw.pop("end", 1.0), **kw)
+
+    cases = {
+        "no negative (cfg 1, host)": lambda: host_nodes.common_ksampler(model, 0, steps, 1.0, "euler", "normal", pos,
+                                                                        neg, lat),
+        "full CFG (host)": lambda: host_nodes.common_ksampler(model, 0, steps, CFG, "euler", "normal", pos, neg, lat),
+        "cached negative, defaults": pack(rule=rules.CachedNegative()),
+        "window until 40%": pack(end=0.4),
+        "2 extra negatives": pack(negatives=chain),
+        "2 extra negatives, cached": pack(negatives=chain, rule=rules.CachedNegative()),
+    }
+    full = cases["full CFG (host)"]()[0]["samples"]
+    notes = {}
+    for name, fn in cases.items():
+        with count_forwards(model) as rows:
+            out = fn()[0]["samples"]
+        diff = float((out - full).abs().max() / full.abs().mean())
+        notes[name] = f"{len(rows) / steps:.2f} forwards and {sum(rows) / steps:.2f} rows per evaluation; " \
+                      f"latent vs full CFG {diff:.2e}"
+    report(f"7. the cached negative (tiny SD1.5, {8 * SIZE}x{8 * SIZE}, {steps} euler steps)", interleaved(cases, rounds),
+           "no negative (cfg 1, host)", notes)
+
+
+SECTIONS = {1: entry_points, 2: extra_negatives, 3: windows, 4: math_only, 5: trace_cost, 6: memory, 7: cached_negative}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--only", default="1,2,3,4,5,6")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7")
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     host_nodes, g = load_host_and_pack()

@@ -441,6 +441,7 @@ class _Run:
             primary_term_needed=not self.cfg1,
             keep_primary=self.cfg1 and conds[1] is not None,
             call_index=self.calls,
+            state=self.state,
         )
         self.calls += 1
         self.branches += plan.branches
@@ -461,9 +462,9 @@ class _Run:
     def calc_cond_batch(self, args):
         conds, x, sigma, model, options = args["conds"], args["input"], args["sigma"], args["model"], args["model_options"]
         plan = self._plan(conds, sigma)
-        extra_conds = [self.guider.conds[EXTRA_COND_KEY.format(i)] for i in plan.extras]
-        uncond_conds = [self.guider.conds[UNCOND_COND_KEY]] if plan.uncond else []
-        primary_conds = self._primary_conds(conds) if plan.primary else None
+        extra_conds = [self.guider.conds[EXTRA_COND_KEY.format(i)] for i in plan.predict_extras]
+        uncond_conds = [self.guider.conds[UNCOND_COND_KEY]] if plan.predict_uncond else []
+        primary_conds = self._primary_conds(conds) if plan.predict_primary else None
         if self.prev_calc is None:
             out = comfy.samplers.calc_cond_batch(model, [conds[0], primary_conds] + extra_conds + uncond_conds, x, sigma, options)
         else:
@@ -473,9 +474,11 @@ class _Run:
             if extra_conds or uncond_conds:
                 out += comfy.samplers.calc_cond_batch(model, extra_conds + uncond_conds, x, sigma, options)
         pos = out[0]
-        primary = out[1] if plan.primary else None
-        extras = out[2:2 + len(extra_conds)]
-        uncond = out[2 + len(extra_conds)] if plan.uncond else None
+        primary, uncond, extras = self.spec.complete(
+            plan, self.state, pos, sigma,
+            primary=out[1] if plan.predict_primary else None,
+            uncond=out[2 + len(extra_conds)] if plan.predict_uncond else None,
+            extras=out[2:2 + len(extra_conds)])
         if self.combines:
             self.pending = _Step(x, plan, pos, primary, uncond, extras)
         return [pos, negative_for(plan, pos, primary, uncond)]

@@ -24,6 +24,8 @@ def build_rule(node: str, cls, **params):
     except (ValueError, TypeError) as e:
         message = str(e)
         name = message.split(" ", 1)[0]
+        if name == "inner":
+            raise _host.InputError(node, "rule", message.split(" ", 1)[1]) from None
         if name in params:
             raise _host.InputError(node, name, message.split(" ", 1)[1]) from None
         raise _host.InputError(node, "parameters", message) from None
@@ -199,5 +201,42 @@ class NegativeRuleInterval(io.ComfyNode):
                                         sigma_high=sigma_high, inner=rule))
 
 
+class NegativeRuleCachedNegative(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return _schema(
+            "NegativeRuleCachedNegative", "Rule: Cached negative",
+            "The negative at a fraction of its cost (FasterCache's CFG cache, Lv et al. 2024): the negative branches "
+            "are predicted on every k-th model evaluation only; in between the positive alone is predicted and each "
+            "negative is rebuilt from its last difference to the positive in noise space, grown per skipped "
+            "evaluation. Works with windows, extra negatives and every rule (connect it to 'rule').",
+            [
+                io.Int.Input("every", default=4, min=1, max=1000,
+                             tooltip="Predict the negatives on every k-th model evaluation (1..1000; 1 = always, plain "
+                             "full CFG bit for bit; 4 costs about 1.3 branches per evaluation)."),
+                io.Float.Input("growth", default=1.06, min=0.0, max=10.0, step=0.01,
+                               tooltip="Factor on the cached difference per skipped evaluation (0..10). On the toy "
+                               "benchmark 1.10 suits euler, 1.03 heun, 1.05 euler_ancestral; 1.06 is the default."),
+                io.Int.Input("full_start", default=2, min=0, max=1000,
+                             tooltip="Model evaluations at the start that always predict the negatives (0..1000)."),
+                io.Boolean.Input("frequency_split", default=False,
+                                 tooltip="Grow the low and high spatial frequencies of the cached difference apart "
+                                 "(FasterCache's split): 'growth' for the low band, 'high_growth' for the high one."),
+                io.Float.Input("cutoff", default=0.25, min=0.0, max=1.0, step=0.01,
+                               tooltip="With the split: the share of the highest spatial frequency below which a "
+                               "frequency counts as low (0..1)."),
+                io.Float.Input("high_growth", default=1.0, min=0.0, max=10.0, step=0.01,
+                               tooltip="With the split: the growth of the high band per skipped evaluation (0..10)."),
+                _inner_input(),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, every, growth, full_start, frequency_split, cutoff, high_growth, rule=None) -> io.NodeOutput:
+        return io.NodeOutput(build_rule("NegativeRuleCachedNegative", rules.CachedNegative, every=every, growth=growth,
+                                        full_start=full_start, bands=bool(frequency_split), cutoff=cutoff,
+                                        high_growth=high_growth, inner=rule))
+
+
 NODES = [NegativeRulePerpNeg, NegativeRuleAPG, NegativeRuleRescale, NegativeRuleCFGZeroStar, NegativeRuleDynamic,
-         NegativeRuleMinSigma, NegativeRuleInterval]
+         NegativeRuleMinSigma, NegativeRuleInterval, NegativeRuleCachedNegative]

@@ -17,6 +17,7 @@ primary negative's prediction (usually the empty or general-purpose negative pro
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -82,9 +83,11 @@ class GuidanceSpec:
         primary_term_needed: bool = True,
         keep_primary: bool = False,
         call_index: int = 0,
+        state=None,
     ) -> StepPlan:
-        """The step's plan; ``call_index`` counts model evaluations since the run started."""
-        return plan_step(
+        """The step's plan; ``call_index`` counts model evaluations since the run started. With a
+        cached negative (and its run ``state``), the branches it can rebuild are marked reused."""
+        plan = plan_step(
             sigma,
             self.primary_window,
             [e.window for e in self.extras],
@@ -96,6 +99,29 @@ class GuidanceSpec:
             primary_term_needed=primary_term_needed,
             keep_primary=keep_primary,
         )
+        if not getattr(self.rule, "caches_negatives", False) or state is None:
+            return plan
+        state["now"] = call_index
+        if not self.rule.reuses(call_index):
+            return plan
+        return dataclasses.replace(plan, reused=tuple(k for k in plan.needed if k in state["diff"]))
+
+    def complete(self, plan: StepPlan, state, pos: torch.Tensor, sigma: torch.Tensor, primary=None, uncond=None,
+                 extras: Sequence[torch.Tensor] = ()) -> tuple:
+        """The predictions a step's combine needs, from those the model made (``extras`` for
+        ``plan.predict_extras``): a cached negative rebuilds the reused ones and remembers the rest.
+        Returns ``(primary, uncond, extras)``, the extras for ``plan.extras``."""
+        made = dict(zip(plan.predict_extras, extras))
+        if not getattr(self.rule, "caches_negatives", False) or state is None:
+            return primary, uncond, [made[i] for i in plan.extras]
+        rule = self.rule
+        values = {"primary": primary, "uncond": uncond, **made}
+        for key in plan.needed:
+            if key in plan.reused:
+                values[key] = rule.rebuild(state, key, pos, sigma)
+            else:
+                rule.remember(state, key, pos, values[key], sigma)
+        return values.get("primary"), values.get("uncond"), [values[i] for i in plan.extras]
 
 
 def _pick(role: Optional[str], pos, primary, uncond) -> torch.Tensor:

@@ -439,6 +439,12 @@ class _Skipping(CFG):
         return self._rule.combine(s, state)
 
 
+def _check_inner(inner) -> None:
+    if getattr(inner, "caches_negatives", False):
+        raise ValueError("inner must not be a cached negative: connect the skipping rule into the cached "
+                         "negative's rule input instead, so the cache sees every evaluation")
+
+
 @dataclass(frozen=True, kw_only=True)
 class MinSigma(_Skipping):
     """AUTOMATIC1111's "negative guidance minimum sigma": below ``min_sigma`` the negative branches
@@ -451,6 +457,7 @@ class MinSigma(_Skipping):
 
     def __post_init__(self):
         _finite("min_sigma", self.min_sigma, 0.0, 1e4)
+        _check_inner(self.inner)
 
     def guidance_off(self, sigma: Optional[float], call_index: int) -> bool:
         if self.min_sigma <= 0.0 or sigma is None or not sigma < self.min_sigma:
@@ -475,6 +482,7 @@ class GuidanceInterval(_Skipping):
     def __post_init__(self):
         _finite("sigma_low", self.sigma_low, 0.0, 1e4)
         _finite("sigma_high", self.sigma_high, 0.0, 1e4)
+        _check_inner(self.inner)
         if self.sigma_low >= self.sigma_high:
             raise ValueError(f"sigma_low ({self.sigma_low}) must be below sigma_high ({self.sigma_high})")
 
@@ -483,6 +491,103 @@ class GuidanceInterval(_Skipping):
 
     def fit(self, sigma_min: float, sigma_max: float) -> str:
         return "never" if self.sigma_high < sigma_min or self.sigma_low >= sigma_max else "ok"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CachedNegative(CFG):
+    """A cached negative (the CFG-cache of FasterCache, Lv et al. 2024): the negative branches are
+    predicted on every ``every``-th model evaluation only (after ``full_start`` evaluations that all
+    predict them); in between the positive alone is predicted and each negative is rebuilt from its
+    difference to the positive in noise space, ``d = eps_neg - eps_pos`` with ``eps = (x - D) / sigma``,
+    cached at the last evaluation that predicted both and grown by ``growth`` per evaluation since.
+    With ``bands`` the low and high spatial frequencies of ``d`` (FFT over the last two dimensions,
+    the cut at ``cutoff`` of the highest frequency) grow by ``growth`` and ``high_growth``, as
+    FasterCache weighs them apart. The combine is the ``inner`` rule's, fed the rebuilt negatives;
+    its decisions come from the evaluation count alone, so it reads nothing from the device. The
+    defaults come from the toy benchmark (``bench/toy_removal.py``): 1.30 branches per evaluation on
+    a 30-step Euler run."""
+
+    every: int = 4
+    growth: float = 1.06
+    full_start: int = 2
+    bands: bool = False
+    cutoff: float = 0.25
+    high_growth: float = 1.0
+    inner: Optional[CFG] = None
+    name = "Cached negative"
+    caches_negatives = True
+
+    def __post_init__(self):
+        for name in ("every", "full_start"):
+            value, low = getattr(self, name), 1 if name == "every" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 1000:
+                raise ValueError(f"{name} must be a whole number in [{low}, 1000], got {value!r}")
+        _finite("growth", self.growth, 0.0, 10.0)
+        _finite("cutoff", self.cutoff, 0.0, 1.0)
+        _finite("high_growth", self.high_growth, 0.0, 10.0)
+        if getattr(self.inner, "caches_negatives", False):
+            raise ValueError("inner must not be another cached negative")
+
+    @property
+    def _rule(self) -> CFG:
+        return self.inner if self.inner is not None else CFG()
+
+    @property
+    def needs_uncond(self):
+        return self._rule.needs_uncond
+
+    @property
+    def owns_combine(self):
+        return self._rule.owns_combine
+
+    @property
+    def reads_sigma(self):
+        return self._rule.reads_sigma
+
+    def guidance_off(self, sigma: Optional[float], call_index: int) -> bool:
+        return self._rule.guidance_off(sigma, call_index)
+
+    def fit(self, sigma_min: float, sigma_max: float) -> str:
+        return self._rule.fit(sigma_min, sigma_max)
+
+    def reuses(self, call_index: int) -> bool:
+        """Whether this model evaluation rebuilds the negatives instead of predicting them."""
+        return self.every > 1 and call_index >= self.full_start and (call_index - self.full_start) % self.every != 0
+
+    def new_state(self):
+        return {"inner": self._rule.new_state(), "diff": {}, "at": {}, "now": 0}
+
+    def combine(self, s: StepInputs, state) -> torch.Tensor:
+        return self._rule.combine(s, state["inner"])
+
+    def remember(self, state, key, pos: torch.Tensor, branch: torch.Tensor, sigma: torch.Tensor) -> None:
+        """Keep a predicted branch's noise-space difference to the positive."""
+        diff = (up(pos) - up(branch)) / _per_sample(up(sigma), up(pos))
+        state["diff"][key] = split_bands(diff, self.cutoff) if self.bands else diff
+        state["at"][key] = state["now"]
+
+    def rebuild(self, state, key, pos: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """A branch from the positive and its cached difference: ``D = D_pos - sigma * growth^j * d``."""
+        since = state["now"] - state["at"][key]
+        cached = state["diff"][key]
+        if self.bands:
+            low, high = cached
+            diff = low * self.growth ** since + high * self.high_growth ** since
+        else:
+            diff = cached * self.growth ** since
+        return cast_back(up(pos) - _per_sample(up(sigma), up(pos)) * diff, pos.dtype)
+
+
+def split_bands(t: torch.Tensor, cutoff: float) -> tuple:
+    """(low, high) spatial-frequency parts of ``t`` over its last two dimensions; they sum to ``t``."""
+    if t.ndim < 3 or min(t.shape[-2:]) < 2:
+        raise ValueError("the frequency split needs latents with two spatial dimensions")
+    spectrum = torch.fft.rfft2(t.float())
+    fy = torch.fft.fftfreq(t.shape[-2], device=t.device).abs()[:, None]
+    fx = torch.fft.rfftfreq(t.shape[-1], device=t.device)[None, :]
+    keep = (torch.maximum(fy, fx) <= cutoff * 0.5).to(spectrum.dtype)
+    low = torch.fft.irfft2(spectrum * keep, s=t.shape[-2:]).to(t.dtype)
+    return low, t - low
 
 
 @dataclass(frozen=True, kw_only=True)

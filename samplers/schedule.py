@@ -59,6 +59,8 @@ class StepPlan:
     negative), ``"uncond"`` (the unconditional fallback, outside the primary window) or
     ``"positive"`` (no guidance from the primary term: the step moves along the positive alone).
     ``reference`` is the D_ref of the extra negatives' NOT terms (``None`` when none is active).
+    ``reused`` names the needed branches rebuilt from a cache instead of predicted (``"primary"``,
+    ``"uncond"``, an extra's index); see ``rules.CachedNegative``.
     """
 
     primary: bool
@@ -66,11 +68,29 @@ class StepPlan:
     extras: tuple
     negative: str
     reference: Optional[str]
+    reused: tuple = ()
+
+    @property
+    def needed(self) -> tuple:
+        """Every branch the combine needs besides the positive: ``"primary"``, ``"uncond"``, extra indices."""
+        return (("primary",) if self.primary else ()) + (("uncond",) if self.uncond else ()) + self.extras
+
+    @property
+    def predict_primary(self) -> bool:
+        return self.primary and "primary" not in self.reused
+
+    @property
+    def predict_uncond(self) -> bool:
+        return self.uncond and "uncond" not in self.reused
+
+    @property
+    def predict_extras(self) -> tuple:
+        return tuple(i for i in self.extras if i not in self.reused)
 
     @property
     def branches(self) -> int:
-        """Model branches this step costs, the positive included."""
-        return 1 + int(self.primary) + int(self.uncond) + len(self.extras)
+        """Model branches this step costs, the positive included (a reused branch costs none)."""
+        return 1 + int(self.predict_primary) + int(self.predict_uncond) + len(self.predict_extras)
 
 
 def plan_step(

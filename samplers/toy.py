@@ -127,9 +127,35 @@ def component_of(x: torch.Tensor) -> list:
     return [names[i] for i in log_p.argmax(1).tolist()]
 
 
+def picture_of(x: torch.Tensor) -> list:
+    """The concept of each toy picture (flattened ``[3, IMAGE_SIZE, IMAGE_SIZE]``): its nearest template."""
+    names = list(COMPONENTS)
+    templates = torch.stack([image_template(n).flatten() for n in names]).to(x.dtype)
+    return [names[i] for i in torch.cdist(x, templates).argmin(1).tolist()]
+
+
 def share_in(x: torch.Tensor, concept: str) -> float:
-    labels = component_of(x)
+    labels = picture_of(x) if x.shape[-1] == 3 * IMAGE_SIZE * IMAGE_SIZE else component_of(x)
     return sum(label == concept for label in labels) / max(len(labels), 1)
+
+
+COMPONENT_STD = 0.45  # every concept's spread in the plane
+OFF_DATA = 4.0  # a point farther than this many stds from every concept lies off the data
+
+
+def distance_from(x: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean distance of each sample from the reference sample drawn from the same seed, in concept stds:
+    how far a cheaper setting's samples land from those of the setting it stands in for."""
+    return float((x.double() - reference.double()).norm(dim=1).mean()) / COMPONENT_STD
+
+
+def share_off_data(x: torch.Tensor) -> float:
+    """The share of samples farther than ``OFF_DATA`` stds from every concept: samples that left the data.
+    (A sample pushed far past every concept is not a clean-shaven man; the share alone would count it so.)"""
+    means = torch.tensor([m for m, _ in COMPONENTS.values()], dtype=torch.float64)
+    stds = torch.tensor([s for _, s in COMPONENTS.values()], dtype=torch.float64)
+    z = (x.double()[:, None, :] - means[None]).norm(dim=-1) / stds
+    return float((z.min(dim=1).values > OFF_DATA).double().mean())
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: int = 0) -> float:
@@ -195,16 +221,22 @@ def guided_denoiser(run: ToyRun, sample_sigmas: torch.Tensor, images: bool = Fal
     as_image = (lambda t: t.reshape(t.shape[0], 3, IMAGE_SIZE, IMAGE_SIZE)) if images else (lambda t: t)  # noqa: E731
 
     def model(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        plan = spec.plan(sigma, primary_term_needed=not math.isclose(run.cfg, 1.0), call_index=run.evaluations)
+        plan = spec.plan(sigma, primary_term_needed=not math.isclose(run.cfg, 1.0), call_index=run.evaluations,
+                         state=state)
         run.evaluations += 1
         run.branches += plan.branches
+        sigmas = torch.full((x.shape[0],), sigma, dtype=x.dtype)
         pos = pos_m.denoise(x, sigma)
-        primary = neg_m.denoise(x, sigma) if plan.primary else None
-        uncond = unc_m.denoise(x, sigma) if plan.uncond else None
+        primary, uncond, extras = spec.complete(
+            plan, state, as_image(pos), sigmas,
+            primary=as_image(neg_m.denoise(x, sigma)) if plan.predict_primary else None,
+            uncond=as_image(unc_m.denoise(x, sigma)) if plan.predict_uncond else None,
+            extras=[as_image(extra_m[i].denoise(x, sigma)) for i in plan.predict_extras])
+        flat = lambda t: None if t is None else t.reshape(x.shape)  # noqa: E731
+        primary, uncond, extras = flat(primary), flat(uncond), [flat(e) for e in extras]
         out = engine.combine_step(
-            spec, plan, state, scale=run.cfg, pos=pos, primary=primary, uncond=uncond,
-            extras=[extra_m[i].denoise(x, sigma) for i in plan.extras],
-            x=x, sigma=torch.full((x.shape[0],), sigma, dtype=x.dtype), sample_sigmas=sample_sigmas,
+            spec, plan, state, scale=run.cfg, pos=pos, primary=primary, uncond=uncond, extras=extras,
+            x=x, sigma=sigmas, sample_sigmas=sample_sigmas,
         )
         if trace is not None:
             neg = None if plan.negative == "positive" else engine.negative_for(plan, pos, primary, uncond)

@@ -1,0 +1,91 @@
+"""The cached negative on the toy model and in the engine: full CFG at k = 1, the planned reuse, the
+rebuild from the noise-space difference, the frequency split, per-run state and per-sample math."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from negative_guidance_pack.samplers import engine, rules, toy
+
+
+def run(rule, sampler="euler", cfg=3.0, n=200, **kw):
+    r = toy.ToyRun("man", "mustache", cfg, rule, **kw)
+    return toy.sample(r, n=n, steps=12, sampler=sampler, seed=0), r
+
+
+@pytest.mark.parametrize("sampler", toy.SAMPLERS)
+def test_every_one_is_full_cfg_bit_for_bit_on_the_toy(sampler):
+    full, _ = run(rules.CFG(), sampler)
+    cached, r = run(rules.CachedNegative(every=1), sampler)
+    assert torch.equal(full, cached) and r.branches == 2 * r.evaluations
+
+
+def test_the_plan_reuses_exactly_the_planned_evaluations():
+    rule = rules.CachedNegative(every=3, full_start=2)
+    assert [rule.reuses(i) for i in range(9)] == [False, False, False, True, True, False, True, True, False]
+    spec = engine.GuidanceSpec(rule=rule)
+    state = rule.new_state()
+    first = spec.plan(5.0, call_index=3, state=state)
+    assert first.reused == () and first.branches == 2  # nothing cached yet: the negative is predicted
+    state["diff"]["primary"], state["at"]["primary"] = torch.zeros(1, 2), 2
+    reused = spec.plan(5.0, call_index=3, state=state)
+    assert reused.reused == ("primary",) and reused.branches == 1 and reused.negative == "primary"
+
+
+def test_a_reused_negative_is_the_positive_minus_the_grown_noise_difference():
+    rule = rules.CachedNegative(growth=1.5, full_start=0)
+    spec, state = engine.GuidanceSpec(rule=rule), rule.new_state()
+    gen = torch.Generator().manual_seed(0)
+    pos0, neg0, pos2 = (torch.randn(2, 4, 3, 3, generator=gen) for _ in range(3))
+    sigma0, sigma2 = torch.tensor([2.0, 4.0]), torch.tensor([1.0, 3.0])
+    plan = spec.plan(2.0, call_index=0, state=state)
+    spec.complete(plan, state, pos0, sigma0, primary=neg0)
+    plan = spec.plan(1.0, call_index=2, state=state)
+    assert plan.reused == ("primary",)
+    primary, _, _ = spec.complete(plan, state, pos2, sigma2)
+    d = (pos0 - neg0) / sigma0.reshape(-1, 1, 1, 1)  # eps_neg - eps_pos, per sample
+    torch.testing.assert_close(primary, pos2 - sigma2.reshape(-1, 1, 1, 1) * 1.5 ** 2 * d)
+
+
+def test_the_frequency_split_sums_to_the_whole():
+    t = torch.randn(2, 4, 8, 6, generator=torch.Generator().manual_seed(1))
+    low, high = rules.split_bands(t, 0.25)
+    torch.testing.assert_close(low + high, t)
+    assert float(low.std()) < float(t.std())
+    with pytest.raises(ValueError, match="two spatial dimensions"):
+        rules.split_bands(torch.randn(4, 2), 0.25)
+
+
+def test_state_is_per_run_and_each_sample_is_its_own():
+    rule = rules.CachedNegative(growth=1.2)
+    once, _ = run(rule)
+    twice, _ = run(rule)
+    assert torch.equal(once, twice)  # the rule object keeps nothing between runs
+    both, _ = run(rule, n=2)
+    alone, _ = run(rule, n=1)
+    torch.testing.assert_close(both[:1], alone)
+
+
+def test_it_costs_what_it_saves():
+    _, r = run(rules.CachedNegative(every=4, full_start=2))
+    assert r.branches == r.evaluations + 2 + len(range(2, 12, 4))
+
+
+@pytest.mark.parametrize("name,value", [("every", 0), ("growth", -1.0), ("full_start", 1.5), ("cutoff", 2.0)])
+def test_bad_parameters_are_named(name, value):
+    with pytest.raises(ValueError, match=name):
+        rules.CachedNegative(**{name: value})
+
+
+def test_a_cached_negative_may_not_sit_inside_a_skipping_rule():
+    with pytest.raises(ValueError, match="inner must not be a cached negative"):
+        rules.MinSigma(min_sigma=1.0, inner=rules.CachedNegative())
+    rules.CachedNegative(inner=rules.MinSigma(min_sigma=1.0))  # the other way round is how to combine them
+
+
+def test_removal_measures_that_overshoot_cannot_game():
+    far = torch.full((10, 2), 30.0)  # far past every concept: "no mustache", but off the data
+    assert toy.share_in(far, "man with mustache") == 0.0 and toy.share_off_data(far) == 1.0
+    near = torch.tensor([list(toy.COMPONENTS["man"][0])] * 10, dtype=torch.float64)
+    assert toy.share_off_data(near) == 0.0
+    assert toy.distance_from(near + 0.45, near) == pytest.approx(2 ** 0.5)

@@ -1,0 +1,147 @@
+"""The cached negative on the real host: exactly full CFG at k = 1 through every entry point, the
+planned branches skipped and no others (first- and second-order samplers), one latent per seed,
+per sample, and with windows, extras, every rule and the families' models."""
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests_support import cond, count_forwards, latent, rel_diff
+
+from negative_guidance_pack.samplers import rules
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from families import FAMILIES  # noqa: E402
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def rule_nodes(host):
+    return importlib.import_module("negative_guidance_pack.nodes.rules")
+
+
+def sampler_run(g, model, rule=None, cfg=7.0, sampler="euler", lat=None, **kw):
+    args = dict(negative_start_percent=0.0, negative_end_percent=1.0)
+    if rule is not None:
+        args["rule"] = rule
+    args.update(kw)
+    return g.NegativeGuidanceSampler.execute(model, 0, STEPS, cfg, sampler, "normal", cond(1), cond(2),
+                                             lat or latent(), 1.0, **args)[0]["samples"]
+
+
+def guider_run(g, custom, model, rule=None, sampler="euler"):
+    guider = g.NegativeGuider.execute(model, cond(1), cond(2), 7.0, 0.0, 1.0,
+                                      **({"rule": rule} if rule is not None else {}))[0]
+    sigmas = custom.BasicScheduler().get_sigmas(model, "normal", STEPS, 1.0)[0]
+    return custom.SamplerCustomAdvanced().sample(custom.Noise_RandomNoise(0), guider,
+                                                 custom.comfy.samplers.sampler_object(sampler), sigmas,
+                                                 latent())[0]["samples"]
+
+
+def patch_run(g, host_nodes, model, rule=None, sampler="euler"):
+    patched = g.NegativeGuidance.execute(model, 0.0, 1.0, **({"rule": rule} if rule is not None else {}))[0]
+    return host_nodes.common_ksampler(patched, 0, STEPS, 7.0, sampler, "normal", cond(1), cond(2), latent())[0]["samples"]
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m"])
+def test_every_one_is_full_cfg_bit_for_bit_through_every_entry_point(pack_nodes, host_nodes, custom, tiny_model, sampler):
+    every_one = rules.CachedNegative(every=1)
+    assert torch.equal(sampler_run(pack_nodes, tiny_model, every_one, sampler=sampler),
+                       sampler_run(pack_nodes, tiny_model, sampler=sampler))
+    assert torch.equal(guider_run(pack_nodes, custom, tiny_model, every_one, sampler),
+                       guider_run(pack_nodes, custom, tiny_model, sampler=sampler))
+    assert torch.equal(patch_run(pack_nodes, host_nodes, tiny_model, every_one, sampler),
+                       host_nodes.common_ksampler(tiny_model, 0, STEPS, 7.0, sampler, "normal", cond(1), cond(2),
+                                                  latent())[0]["samples"])
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+@pytest.mark.parametrize("every,full_start", [(4, 2), (3, 0), (2, 5)])
+def test_the_negative_is_predicted_on_exactly_the_planned_evaluations(pack_nodes, tiny_model, sampler, every, full_start):
+    rule = rules.CachedNegative(every=every, full_start=full_start)
+    with count_forwards(tiny_model) as rows:
+        out = sampler_run(pack_nodes, tiny_model, rule, sampler=sampler)
+    planned = [1 if rule.reuses(i) and i > 0 else 2 for i in range(len(rows))]
+    assert rows == planned and 1 in rows
+    assert torch.isfinite(out).all()
+    assert rel_diff(out, sampler_run(pack_nodes, tiny_model, sampler=sampler)) > 1e-6  # it did change something
+
+
+def test_a_run_sampled_twice_gives_the_same_latent(pack_nodes, tiny_model):
+    rule = rules.CachedNegative()
+    assert torch.equal(sampler_run(pack_nodes, tiny_model, rule), sampler_run(pack_nodes, tiny_model, rule))
+
+
+def test_a_batch_of_two_is_two_runs_of_one(pack_nodes, tiny_model):
+    rule = rules.CachedNegative(growth=1.2)
+    both = sampler_run(pack_nodes, tiny_model, rule, lat=latent(batch=2))
+    for i in range(2):
+        one = sampler_run(pack_nodes, tiny_model, rule, lat=dict(latent(), batch_index=[i]))
+        assert rel_diff(both[i:i + 1], one) <= 1e-5
+
+
+def test_the_rebuilt_negative_follows_the_cached_difference(pack_nodes, tiny_model):
+    """On a reused evaluation the host's negative is D_pos - sigma * growth^j * d, d from the last full one."""
+    import comfy.patcher_extension
+
+    seen = []
+
+    def record(executor, model, conds, x, timestep, model_options):
+        out = executor(model, conds, x, timestep, model_options)
+        seen.append((timestep.clone(), [o.clone() for o in out]))
+        return out
+
+    rule = rules.CachedNegative(every=3, full_start=0, growth=1.3)
+    model = tiny_model.clone()
+    model.add_wrapper(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, record)
+    calls = []
+    model.set_model_sampler_cfg_function(lambda a: (calls.append((a["sigma"].clone(), a["cond_denoised"].clone(),
+                                                                  a["uncond_denoised"].clone())),
+                                                    a["input"] - (a["uncond_denoised"] + 7.0 * (a["cond_denoised"] - a["uncond_denoised"])))[1])
+    sampler_run(pack_nodes, model, rule)
+    sigma0, pos0, neg0 = calls[0]
+    d = (pos0 - neg0) / sigma0.reshape(-1, 1, 1, 1)
+    for j in (1, 2):
+        sigma, pos, neg = calls[j]
+        want = pos - sigma.reshape(-1, 1, 1, 1) * 1.3 ** j * d
+        assert rel_diff(neg, want) <= 1e-5
+
+
+def test_it_composes_with_windows_extras_and_every_rule(pack_nodes, tiny_model):
+    chain = pack_nodes.WeightedNegative.execute(cond(5), 1.0, 0.2, 0.9)[0]
+    plain = sampler_run(pack_nodes, tiny_model)
+    inner_rules = [None, rules.PerpNeg(), rules.APG(), rules.Rescale(), rules.CFGZeroStar(), rules.DynamicNegative(),
+                   rules.MinSigma(min_sigma=3.0), rules.GuidanceInterval(sigma_low=0.5, sigma_high=8.0)]
+    for inner in inner_rules:
+        rule = rules.CachedNegative(inner=inner)
+        kw = {"unconditional": cond(3)} if rule.needs_uncond else {}
+        with count_forwards(tiny_model) as rows:
+            out = sampler_run(pack_nodes, tiny_model, rule, sampler="euler_ancestral", negatives=chain,
+                              negative_start_percent=0.1, **kw)
+        assert torch.isfinite(out).all() and rel_diff(out, plain) > 1e-6, inner
+        assert sum(rows) < len(rows) * (3 + bool(kw)), inner  # some branches were rebuilt, not predicted
+
+
+def test_a_cached_negative_inside_a_skipping_rule_is_refused_by_name(rule_nodes):
+    cached = rule_nodes.NegativeRuleCachedNegative.execute(4, 1.06, 2, False, 0.25, 1.0)[0]
+    with pytest.raises(ValueError, match=re.escape("NegativeRuleMinSigma: input 'rule' must not be a cached negative")):
+        rule_nodes.NegativeRuleMinSigma.execute(1.0, False, rule=cached)
+    with pytest.raises(ValueError, match=re.escape("NegativeRuleCachedNegative: input 'every' must be a whole number")):
+        rule_nodes.NegativeRuleCachedNegative.execute(0, 1.06, 2, False, 0.25, 1.0)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_family_and_the_frequency_split(pack_nodes, name):
+    f = FAMILIES[name]
+    model = f.model(seed=1)
+    for bands in (False, True):
+        out = pack_nodes.NegativeGuidanceSampler.execute(
+            model, 0, STEPS, 4.0, "euler", "normal", f.cond(1), f.cond(2), f.latent(batch=2), 1.0, 0.0, 1.0,
+            rule=rules.CachedNegative(bands=bands))[0]["samples"]
+        assert torch.isfinite(out).all() and out.shape[0] == 2
