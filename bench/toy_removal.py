@@ -2,8 +2,10 @@
 
 For each rule and cfg scale: the share of samples that land in the negative concept's region
 ("man with mustache"; lower is better), the sliced Wasserstein-1 distance of the samples to the
-true target p(x | man, not mustache) (lower is better), and the branches predicted per model
-evaluation (no negative = 1, full CFG = 2). Controls: an unrelated negative ("cat": removal should
+true target p(x | man, not mustache) (lower is better), the mean distance of each sample from plain
+CFG's sample of the same seed (in concept stds), the share of samples off the data (farther than 4
+stds from every concept: overshoot, which the share alone counts as "no mustache") and the branches
+predicted per model evaluation (no negative = 1, full CFG = 2). Controls: an unrelated negative ("cat": removal should
 not be needed and the samples should barely move) and a negative overlapping the positive
 ("man with mustache, man": Perp-Neg's case). Last, the cheapest skipping setting (delayed start,
 window, NGMS) whose removal is within 2 points of full-time CFG's at cfg 5.
@@ -22,9 +24,10 @@ from toy_demo import load_pack
 log = logging.getLogger("negative_guidance.toy_removal")
 
 
-def measure(toy, run, target, n, steps, sampler="euler"):
+def measure(toy, run, target, n, steps, sampler="euler", samples=False):
     x = toy.sample(run, n=n, steps=steps, sampler=sampler, seed=0)
-    return toy.share_in(x, "man with mustache"), toy.sliced_wasserstein(x, target), run.branches / run.evaluations
+    figures = toy.share_in(x, "man with mustache"), toy.sliced_wasserstein(x, target), run.branches / run.evaluations
+    return (figures, x) if samples else figures
 
 
 def rule_table(rules, toy):
@@ -67,13 +70,15 @@ def main(argv=None) -> int:
     base = measure(toy, toy.ToyRun("man", "", 5.0), target, n, steps)
     log.info("no negative (empty prompt, cfg 5): mustache %.1f%%, SW %.2f, %.2f branches/eval", 100 * base[0], base[1], base[2])
     log.info("")
-    log.info("| rule | negative | cfg | mustache % | SW to target | branches/eval |")
-    log.info("| --- | --- | --- | --- | --- | --- |")
+    log.info("| rule | negative | cfg | mustache % | SW to target | distance from CFG | off data % | branches/eval |")
+    log.info("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, make, sampler in rule_table(rules, toy):
         for neg, scales in (("mustache", (1.5, 3.0, 5.0, 7.0)), ("cat", (5.0,)), ("man with mustache, man", (5.0,))):
             for cfg in scales:
-                removal, swd, cost = measure(toy, make(cfg, neg), target, n, steps, sampler)
-                log.info("| %s | %s | %g | %.1f | %.2f | %.2f |", name, neg, cfg, 100 * removal, swd, cost)
+                (removal, swd, cost), x = measure(toy, make(cfg, neg), target, n, steps, sampler, samples=True)
+                _, reference = measure(toy, toy.ToyRun("man", neg, cfg), target, n, steps, sampler, samples=True)
+                log.info("| %s | %s | %g | %.1f | %.2f | %.2f | %.1f | %.2f |", name, neg, cfg, 100 * removal, swd,
+                         toy.distance_from(x, reference), 100 * toy.share_off_data(x), cost)
 
     full = measure(toy, toy.ToyRun("man", "mustache", 5.0), target, n, steps)
     log.info("")

@@ -1,4 +1,4 @@
-"""Bad inputs and no mutation, for all sixteen nodes of the pack.
+"""Bad inputs and no mutation, for all seventeen nodes of the pack.
 
 1. One table of bad inputs. Each row must raise the pack's ``InputError`` whose message starts
    ``"<node id>: input '<input name>'"`` and says what was expected, from ``execute`` (or, for a
@@ -151,6 +151,8 @@ GOOD = {
     "NegativeRuleDynamic": lambda k: dict(scale=20.0, prior=0.01, temperature=1.0, offset=0.0, p_min=1e-6, p_max=0.99),
     "NegativeRuleMinSigma": lambda k: dict(min_sigma=1.0, all_steps=False),
     "NegativeRuleInterval": lambda k: dict(sigma_low=0.28, sigma_high=5.42),
+    "NegativeRuleCachedNegative": lambda k: dict(every=4, growth=1.06, full_start=2, frequency_split=False,
+                                                 cutoff=0.25, high_growth=1.0),
     "GuidanceVisualizer": lambda k: dict(trace=k.trace, latent=k.lat, steps=2),
     "ConditioningDiff": lambda k: dict(a=cond(1), b=cond(2), mode="subtract", scale=1.0),
     "NegationSplitter": lambda k: dict(text="a man without hat", extra_negative=""),
@@ -280,6 +282,13 @@ BAD = [
     ("NegativeRuleDynamic", "p_min", "must not exceed p_max (0.2)", run("NegativeRuleDynamic", p_min=0.5, p_max=0.2)),
     ("NegativeRuleInterval", "sigma_low", "must be below sigma_high (1.0)", run("NegativeRuleInterval", sigma_low=5.0, sigma_high=1.0)),
     ("NegativeRuleInterval", "rule", "one of this pack's rule nodes", run("NegativeRuleInterval", rule="APG")),
+    ("NegativeRuleCachedNegative", "every", "whole number in [1, 1000]", run("NegativeRuleCachedNegative", every=0)),
+    ("NegativeRuleCachedNegative", "full_start", "whole number in [0, 1000]", run("NegativeRuleCachedNegative", full_start=-1)),
+    ("NegativeRuleCachedNegative", "growth", "in [0.0, 10.0]", run("NegativeRuleCachedNegative", growth=11.0)),
+    ("NegativeRuleCachedNegative", "cutoff", "in [0.0, 1.0]", run("NegativeRuleCachedNegative", cutoff=2.0)),
+    ("NegativeRuleCachedNegative", "rule", "must not be another cached negative",
+     run("NegativeRuleCachedNegative", rule=lambda k: k.rules.CachedNegative())),
+    ("NegativeRuleMinSigma", "rule", "must not be a cached negative", run("NegativeRuleMinSigma", rule=lambda k: k.rules.CachedNegative())),
     ("NegativeRuleMinSigma", "rule", "one of this pack's rule nodes", run("NegativeRuleMinSigma", rule=lambda k: {"eta": 0.0})),
     # GuidanceVisualizer
     ("GuidanceVisualizer", "trace", "is empty: turn on 'record_trace'", run("GuidanceVisualizer", trace=None)),
@@ -345,6 +354,7 @@ FLOATS = {
     "NegativeRuleDynamic": ["scale", "prior", "temperature", "offset", "p_min", "p_max"],
     "NegativeRuleMinSigma": ["min_sigma"],
     "NegativeRuleInterval": ["sigma_low", "sigma_high"],
+    "NegativeRuleCachedNegative": ["growth", "cutoff", "high_growth"],
     "GuidanceVisualizer": [],
     "ConditioningDiff": ["scale"],
     "NegationSplitter": [],
@@ -385,13 +395,13 @@ def test_every_float_input_refuses_nan_and_inf(kit, no_work, node, name, value):
 
 
 def test_every_node_and_float_input_is_in_the_table(kit):
-    """All sixteen nodes the pack registers have rows, and FLOATS lists exactly their FLOAT inputs."""
+    """All seventeen nodes the pack registers have rows, and FLOATS lists exactly their FLOAT inputs."""
     pack = importlib.import_module("negative_guidance_pack")
     import asyncio
 
     nodes = asyncio.run(asyncio.run(pack.comfy_entrypoint()).get_node_list())
     schemas = {n.define_schema().node_id: n.define_schema() for n in nodes}
-    assert len(schemas) == 16
+    assert len(schemas) == 17
     assert set(schemas) == set(FLOATS) == set(GOOD)
     assert {row[0] for row in BAD} | {n for n, _, _ in NON_FINITE} == set(schemas)
     for node, schema in schemas.items():
@@ -508,6 +518,8 @@ def mutation_case(k, node, model):
         "NegativeRuleDynamic": (dict(scale=10.0, prior=0.05, temperature=0.5, offset=0.1, p_min=1e-4, p_max=0.9), None),
         "NegativeRuleMinSigma": (dict(min_sigma=2.0, all_steps=True, rule=rules.APG()), None),
         "NegativeRuleInterval": (dict(sigma_low=0.5, sigma_high=4.0, rule=rules.PerpNeg()), None),
+        "NegativeRuleCachedNegative": (dict(every=3, growth=1.1, full_start=1, frequency_split=True, cutoff=0.3,
+                                            high_growth=1.05, rule=rules.APG()), None),
         "GuidanceVisualizer": (dict(trace=k.trace, latent=k.lat, steps=2, vae=FakeVae()), None),
         "ConditioningDiff": (dict(a=pos + neg, b=diff_b, mode="project_out", scale=2.0),
                              lambda out: k.cd.ConditioningDiff.execute(pos + neg, diff_b, "subtract", -1.5)),
