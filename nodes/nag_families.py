@@ -169,6 +169,20 @@ class LTXV(Adapter):
         return dict(kwargs, attention_mask=torch.cat([mask, neg.to(mask)], dim=1))
 
 
+class ToyPictures(Adapter):
+    """The pack's toy model: one query (the picture) attends over the text's tokens."""
+
+    name, kind = "toy pictures", "cross"
+
+    def context_width(self, dm):
+        from .toy_model import WIDTH
+
+        return WIDTH
+
+    def image_tokens(self, dm, x, kwargs):
+        return 1
+
+
 # ---------------------------------------------------------------------------- joint-attention families
 
 
@@ -379,7 +393,9 @@ def adapter_for(dm) -> Optional[Adapter]:
     from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
     from comfy.ldm.wan.model import WanModel
 
-    for cls, adapter in ((UNetModel, UNet), (WanModel, Wan), (LTXVModel, LTXV), (ChromaModel, Chroma),
+    from .toy_model import ToyDenoiser
+
+    for cls, adapter in ((ToyDenoiser, ToyPictures), (UNetModel, UNet), (WanModel, Wan), (LTXVModel, LTXV), (ChromaModel, Chroma),
                          (FluxModel, Flux), (MMDiT, SD3), (HiDreamImageTransformer2DModel, HiDream),
                          (HunyuanVideoModel, HunyuanVideo), (QwenImageTransformer2DModel, QwenImage),
                          (NextDiT, Lumina2)):

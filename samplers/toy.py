@@ -48,18 +48,21 @@ SIGMA_MIN, SIGMA_MAX = 0.02, 20.0
 IMAGE_SIZE, IMAGE_STD = 24, 0.1
 
 
-def image_template(concept: str, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """A [3, size, size] toy picture in [-1, 1] for a concept: a face, the same face with a mustache,
+def image_template(concept: str, size: int = IMAGE_SIZE, width: Optional[int] = None) -> torch.Tensor:
+    """A [3, size, width] toy picture in [-1, 1] for a concept: a face, the same face with a mustache,
     a face with long hair, a cat's head. Only the mustache differs between the first two."""
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    img = torch.full((3, size, size), -0.6)
+    width = width or size
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, width), indexing="ij")
+    img = torch.full((3, size, width), -0.6)
     face = (xx ** 2 + (yy / 1.15) ** 2) < 0.62
     skin = torch.tensor([0.8, 0.45, 0.2])
     img[:, face] = skin[:, None]
     for ex in (-0.3, 0.3):  # eyes
         img[:, ((xx - ex) ** 2 + (yy + 0.22) ** 2) < 0.012] = -0.9
     if concept == "man with mustache":
-        img[:, (yy > 0.2) & (yy < 0.34) & (xx.abs() < 0.38)] = torch.tensor([-0.8, -0.85, -0.9])[:, None]
+        # the skin's colour negated: as far from zero as the skin, so a sampler that starts from zero-mean
+        # noise (as every ComfyUI sampler does) is not drawn to either, at any picture size
+        img[:, mustache_band(size, width)] = -skin[:, None]
     elif concept == "woman":
         hair = ((xx.abs() > 0.55) & (xx.abs() < 0.85) & (yy > -0.6)) | ((yy < -0.55) & face.logical_not() & (xx.abs() < 0.85))
         img[:, hair] = torch.tensor([0.2, -0.3, -0.7])[:, None]
@@ -68,6 +71,58 @@ def image_template(concept: str, size: int = IMAGE_SIZE) -> torch.Tensor:
             img[:, ((yy + 0.75 - (xx - ex).abs() * 1.2) > 0) & (yy < -0.45) & ((xx - ex).abs() < 0.3)] = skin[:, None]
         img[:, (yy > 0.22) & (yy < 0.26) & (xx.abs() > 0.2) & (xx.abs() < 0.75)] = -0.9  # whiskers
     return img
+
+
+def mustache_band(size: int, width: Optional[int] = None) -> torch.Tensor:
+    """The [size, width] mask of the pixels a mustache covers (between nose and mouth)."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, width or size), indexing="ij")
+    return (yy > 0.2) & (yy < 0.34) & (xx.abs() < 0.38)
+
+
+def has_mustache(images: torch.Tensor) -> torch.Tensor:
+    """Whether each decoded picture (``[B, H, W, 3]`` in [0, 1], as ComfyUI's IMAGE) shows a mustache:
+    its mustache band is dark (the face's skin there otherwise)."""
+    band = mustache_band(images.shape[1], images.shape[2]).to(images.device)
+    luminance = images[..., :3].float().mean(dim=-1)  # [B, H, W]
+    return luminance[:, band].mean(dim=1) < 0.4
+
+
+# ---------------------------------------------------------------------------- the toy text encoder
+
+CONCEPTS = tuple(COMPONENTS)  # the order of the concept weights an encoded word carries
+# word -> weights over CONCEPTS. "without", "no", "not" are not words it knows: a text encoder that
+# binds "man" and "mustache" and drops the negation, as real encoders do.
+VOCABULARY: Dict[str, tuple] = {
+    "man": (1.0, 1.0, 0.0, 0.0), "men": (1.0, 1.0, 0.0, 0.0), "guy": (1.0, 1.0, 0.0, 0.0),
+    "mustache": (0.0, 2.0, 0.0, 0.0), "moustache": (0.0, 2.0, 0.0, 0.0), "mustaches": (0.0, 2.0, 0.0, 0.0),
+    "beard": (0.0, 2.0, 0.0, 0.0),
+    "clean-shaven": (0.0, -1.0, 0.0, 0.0), "shaven": (0.0, -1.0, 0.0, 0.0),
+    "woman": (0.0, 0.0, 1.0, 0.0), "women": (0.0, 0.0, 1.0, 0.0), "girl": (0.0, 0.0, 1.0, 0.0),
+    "cat": (0.0, 0.0, 0.0, 1.0), "cats": (0.0, 0.0, 0.0, 1.0), "kitten": (0.0, 0.0, 0.0, 1.0),
+}
+EVERYTHING = (1.0, 1.0, 1.0, 1.0)  # the start token: what a prompt without a known word means
+START_KEY = -30.0  # its attention logit; a known word's is 0, so any known word outweighs it
+
+
+def words(text: str) -> list:
+    """The known words of a prompt, in order (lower case; punctuation splits)."""
+    cleaned = "".join(c.lower() if c.isalnum() or c == "-" else " " for c in text)
+    return [w for w in cleaned.split() if w in VOCABULARY]
+
+
+def picture_denoise(x: torch.Tensor, sigma: torch.Tensor, weights: torch.Tensor, templates: torch.Tensor,
+                    std: float = IMAGE_STD) -> torch.Tensor:
+    """Exact ``E[x0 | x]`` for pictures: each row of ``x`` ([B, 3, H, W], noise level ``sigma`` [B]) under
+    its own mixture of the ``templates`` ([K, 3, H, W]) with ``weights`` [B, K] (need not sum to 1)."""
+    flat, means = x.double().flatten(1), templates.double().flatten(1)
+    s2 = sigma.double().reshape(-1, 1) ** 2
+    var = std ** 2 + s2  # [B, 1]
+    d2 = torch.cdist(flat, means) ** 2  # [B, K]
+    log_r = torch.log(weights.double().clamp_min(1e-12)) - d2 / (2 * var)
+    r = torch.softmax(log_r, dim=1)
+    shrink = std ** 2 / var
+    mean = r @ means  # [B, D]
+    return (mean + shrink * (flat - mean)).reshape(x.shape).to(x.dtype)
 
 
 @dataclass(frozen=True)
