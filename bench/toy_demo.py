@@ -10,6 +10,7 @@ of samples with a mustache in each. Runs in seconds on a CPU, with no ComfyUI an
 from __future__ import annotations
 
 import argparse
+import math
 import logging
 import sys
 from pathlib import Path
@@ -25,8 +26,10 @@ import comfy_host  # noqa: E402
 log = logging.getLogger("negative_guidance.toy_demo")
 
 COLOURS = {"man": (46, 134, 222), "man with mustache": (231, 76, 60), "woman": (155, 89, 182), "cat": (39, 174, 96)}
-VIEW = 4.2  # the panel shows [-VIEW, VIEW]^2
+VIEW = 4.2  # the panel's inner square shows [-VIEW, VIEW]^2 to scale
 PANEL = 300
+RING = 30  # pixels of the frame around it, where samples beyond the view land, compressed along their direction
+INNER = PANEL - 2 * RING
 
 
 def load_pack():
@@ -54,7 +57,16 @@ def settings(rules, toy):
 
 
 def to_pixel(x, y):
-    return (x + VIEW) / (2 * VIEW) * PANEL, (VIEW - y) / (2 * VIEW) * PANEL
+    return RING + (x + VIEW) / (2 * VIEW) * INNER, RING + (VIEW - y) / (2 * VIEW) * INNER
+
+
+def beyond_view(x, y):
+    """A sample outside the view, in the frame: its direction kept, its distance past the view squeezed
+    into the ring (just past the view at the inner edge, infinitely far at the outer edge)."""
+    s = max(abs(x), abs(y))
+    ring = VIEW * RING / (INNER / 2)  # the ring's width in data units
+    squeezed = VIEW + ring * (1.0 - math.exp(-(s - VIEW) / VIEW))
+    return to_pixel(x * squeezed / s, y * squeezed / s)
 
 
 def draw_panel(points: np.ndarray, labels: list, title: str, toy, lines: list) -> Image.Image:
@@ -68,10 +80,18 @@ def draw_panel(points: np.ndarray, labels: list, title: str, toy, lines: list) -
     (mx, my), s = toy.COMPONENTS["man"]
     (x0, y0), (x1, y1) = to_pixel(mx - 2 * s, my + 2 * s), to_pixel(mx + 2 * s, my - 2 * s)
     d.ellipse([x0 - 3, y0 - 3, x1 + 3, y1 + 3], outline=(0, 0, 0), width=2)  # the true target region
-    clipped = np.clip(points, -VIEW, VIEW)
-    for (x, y), label in zip(clipped, labels):
-        px, py = to_pixel(x, y)
-        d.point([(px, py), (px + 1, py), (px, py + 1)], fill=COLOURS[label])
+    d.rectangle([0, 0, PANEL - 1, RING - 1], fill=(238, 238, 238))
+    d.rectangle([0, PANEL - RING, PANEL - 1, PANEL - 1], fill=(238, 238, 238))
+    d.rectangle([0, 0, RING - 1, PANEL - 1], fill=(238, 238, 238))
+    d.rectangle([PANEL - RING, 0, PANEL - 1, PANEL - 1], fill=(238, 238, 238))
+    for (x, y), label in zip(points, labels):
+        if max(abs(x), abs(y)) <= VIEW:
+            px, py = to_pixel(x, y)
+            d.point([(px, py), (px + 1, py), (px, py + 1)], fill=COLOURS[label])
+        else:
+            px, py = beyond_view(x, y)
+            d.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], outline=COLOURS[label])
+    d.rectangle([RING, RING, PANEL - RING, PANEL - RING], outline=(150, 150, 150))
     d.rectangle([0, 0, PANEL - 1, PANEL - 1], outline=(180, 180, 180))
     d.text((4, PANEL + 4), title, fill=(0, 0, 0))
     for i, line in enumerate(lines):
@@ -88,10 +108,12 @@ def run(n: int, steps: int, out: Path) -> list:
         labels = toy.component_of(x)
         mustache = toy.share_in(x, "man with mustache")
         outside = float((x.abs() > VIEW).any(1).double().mean())
+        off_data = toy.share_off_data(x)
         cost = setting.branches / setting.evaluations
         swd = toy.sliced_wasserstein(x, target)
         figures.append((title, mustache, swd, cost, outside))
-        lines = [f"mustache {mustache:.1%}  SW {swd:.2f}", f"{cost:.2f} branches/eval  off-view {outside:.0%}"]
+        lines = [f"mustache {mustache:.1%}  SW {swd:.2f}  {cost:.2f} branches/eval",
+                 f"beyond the view (grey frame): {outside:.0%}; off the data {off_data:.0%}"]
         panels.append(draw_panel(x.numpy(), labels, title, toy, lines))
     cols = 4
     rows = (len(panels) + cols - 1) // cols

@@ -31,7 +31,7 @@ import comfy.samplers
 import node_helpers
 
 from ..samplers import rules
-from ..samplers.engine import ExtraNegative, GuidanceSpec, combine_step, negative_for
+from ..samplers.engine import ExtraNegative, GuidanceSpec, combine_step, negative_for, outside_as_reference
 from ..samplers.schedule import SigmaWindow, is_full_window
 from ..samplers.trace import Trace
 
@@ -479,6 +479,9 @@ class _Run:
             primary=out[1] if plan.predict_primary else None,
             uncond=out[2 + len(extra_conds)] if plan.predict_uncond else None,
             extras=out[2:2 + len(extra_conds)])
+        if extras:
+            reference = {"uncond": uncond, "primary": primary}.get(plan.reference, pos)
+            extras = [outside_as_reference(e, reference) for e in extras]
         if self.combines:
             self.pending = _Step(x, plan, pos, primary, uncond, extras)
         return [pos, negative_for(plan, pos, primary, uncond)]

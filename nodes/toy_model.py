@@ -37,7 +37,6 @@ class ToyPictures(comfy.latent_formats.LatentFormat):
 
     latent_channels = 3
     latent_rgb_factors = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
-    latent_rgb_factors_bias = [0.5, 0.5, 0.5]
 
     def __init__(self):
         self.scale_factor = 1.0
@@ -51,8 +50,9 @@ class ToyDenoiser(torch.nn.Module):
     prediction is then ``E[x0 | x]`` under that mixture at the call's sigma.
     """
 
-    def __init__(self, device=None, dtype=None, operations=None, **kwargs):
+    def __init__(self, halves=False, device=None, dtype=None, operations=None, **kwargs):
         super().__init__()
+        self.halves = halves
         self.register_buffer("query", torch.zeros(1, 1, WIDTH), persistent=False)
         self.query[..., 0] = WIDTH ** 0.5  # q . k / sqrt(d) is the key channel: a known word 0, the start token -30
         self.dtype = torch.float32
@@ -74,7 +74,8 @@ class ToyDenoiser(torch.nn.Module):
         sigmas = transformer_options.get("sigmas")
         sigma = sigmas.to(x) if sigmas is not None and sigmas.shape[0] == x.shape[0] else self.sigma_of(timesteps).to(x)
         weights = self.concept_weights(context.to(x.dtype), transformer_options)
-        return toy.picture_denoise(x, sigma, weights, self.templates(x.shape[-2], x.shape[-1], x.device))
+        return toy.picture_denoise(x, sigma, weights, self.templates(x.shape[-2], x.shape[-1], x.device),
+                                   halves=self.halves)
 
 
 class ToyConfig(comfy.supported_models_base.BASE):
@@ -160,9 +161,9 @@ class ToyTextEncoder(torch.nn.Module):
 # ---------------------------------------------------------------------------- the node
 
 
-def toy_model():
+def toy_model(halves: bool = False):
     """(MODEL, CLIP, VAE) of the toy pictures, all from the host's own classes, no weights."""
-    config = ToyConfig({})
+    config = ToyConfig({"halves": bool(halves)})
     device = comfy.model_management.get_torch_device()
     model = comfy.model_patcher.ModelPatcher(config.get_model(), load_device=device,
                                              offload_device=comfy.model_management.unet_offload_device())
@@ -184,15 +185,18 @@ class NegativeGuidanceToyModel(io.ComfyNode):
             "mustache, 'a man without mustache' more mustaches, and the negative 'mustache' removes them. Known "
             "words: " + ", ".join(toy.VOCABULARY) + ". Connect EmptyLatentImage for the picture size (512x512 "
             "gives 64x64 pictures).",
-            inputs=[],
+            inputs=[io.Boolean.Input("independent_halves", default=False, optional=True,
+                                     tooltip="Make the left and right halves of a picture independent, as in a model "
+                                     "whose receptive fields are local: a negative masked to one half then leaves the "
+                                     "other half alone (half mustaches appear). Off: each picture is one whole.")],
             outputs=[io.Model.Output(tooltip="The toy model: every sampler, scheduler and node works on it."),
                      io.Clip.Output(tooltip="The toy text encoder (CLIPTextEncode)."),
                      io.Vae.Output(tooltip="The host's pixel-space VAE: the latent is the picture.")],
         )
 
     @classmethod
-    def execute(cls) -> io.NodeOutput:
-        return io.NodeOutput(*toy_model())
+    def execute(cls, independent_halves=False) -> io.NodeOutput:
+        return io.NodeOutput(*toy_model(independent_halves))
 
 
 NODES = [NegativeGuidanceToyModel]

@@ -131,6 +131,17 @@ def _pick(role: Optional[str], pos, primary, uncond) -> torch.Tensor:
     return chosen
 
 
+def outside_as_reference(prediction: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """An extra negative's prediction with its reference where the host predicted nothing.
+
+    Where no entry of a conditioning reaches (a mask or an area that leaves part of the latent out)
+    the host's prediction is exactly zero in every channel; a NOT term measured from zero would push
+    that region by ``w * D_ref``. There the negative is taken to say nothing: its term is zero.
+    """
+    covered = (prediction != 0).any(dim=1, keepdim=True)
+    return torch.where(covered, prediction, reference)
+
+
 def negative_for(plan: StepPlan, pos, primary=None, uncond=None) -> torch.Tensor:
     """The prediction that plays the primary negative at this step (never a zero stand-in)."""
     return _pick(plan.negative, pos, primary, uncond)

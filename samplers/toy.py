@@ -111,9 +111,16 @@ def words(text: str) -> list:
 
 
 def picture_denoise(x: torch.Tensor, sigma: torch.Tensor, weights: torch.Tensor, templates: torch.Tensor,
-                    std: float = IMAGE_STD) -> torch.Tensor:
+                    std: float = IMAGE_STD, halves: bool = False) -> torch.Tensor:
     """Exact ``E[x0 | x]`` for pictures: each row of ``x`` ([B, 3, H, W], noise level ``sigma`` [B]) under
-    its own mixture of the ``templates`` ([K, 3, H, W]) with ``weights`` [B, K] (need not sum to 1)."""
+    its own mixture of the ``templates`` ([K, 3, H, W]) with ``weights`` [B, K] (need not sum to 1).
+
+    With ``halves`` the left and right halves of a picture are independent mixtures (a model with
+    local receptive fields, where a negative masked to one half leaves the other alone)."""
+    if halves:
+        cut = x.shape[-1] // 2
+        return torch.cat([picture_denoise(x[..., :cut], sigma, weights, templates[..., :cut], std),
+                          picture_denoise(x[..., cut:], sigma, weights, templates[..., cut:], std)], dim=-1)
     flat, means = x.double().flatten(1), templates.double().flatten(1)
     s2 = sigma.double().reshape(-1, 1) ** 2
     var = std ** 2 + s2  # [B, 1]
