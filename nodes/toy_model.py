@@ -26,6 +26,7 @@ import comfy.supported_models_base
 from comfy.ldm.modules.attention import optimized_attention
 
 from ..samplers import toy
+from . import _host
 from .guidance import CATEGORY
 
 NODE = "NegativeGuidanceToyModel"
@@ -196,6 +197,8 @@ class NegativeGuidanceToyModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, independent_halves=False) -> io.NodeOutput:
+        if not isinstance(independent_halves, bool):
+            raise _host.InputError(NODE, "independent_halves", "must be true or false", repr(independent_halves))
         return io.NodeOutput(*toy_model(independent_halves))
 
 

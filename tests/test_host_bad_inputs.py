@@ -1,4 +1,4 @@
-"""Bad inputs and no mutation, for all seventeen nodes of the pack.
+"""Bad inputs and no mutation, for all eighteen nodes of the pack.
 
 1. One table of bad inputs. Each row must raise the pack's ``InputError`` whose message starts
    ``"<node id>: input '<input name>'"`` and says what was expected, from ``execute`` (or, for a
@@ -90,6 +90,7 @@ def kit(host, tiny_model):
         r=importlib.import_module(f"{pack}.rules"),
         viz=importlib.import_module(f"{pack}.visualize"),
         nag=importlib.import_module(f"{pack}.nag"),
+        toy=importlib.import_module(f"{pack}.toy_model"),
         cd=importlib.import_module(f"{pack}.conditioning"),
         host=importlib.import_module(f"{pack}._host"),
         rules=importlib.import_module("negative_guidance_pack.samplers.rules"),
@@ -127,6 +128,14 @@ def ksample(k, model, positive=None, negative=None, lat=None, cfg=7.0):
                                         negative or cond(2), lat or latent())[0]
 
 
+def toy_sample(k, outputs):
+    """Sample the toy model with prompts from its own text encoder."""
+    model, clip, _ = outputs
+    encode = lambda text: k.host_nodes.CLIPTextEncode().encode(clip, text)[0]  # noqa: E731
+    return k.host_nodes.common_ksampler(model, 0, 2, 4.0, "euler", "normal", encode("a man"), encode("mustache"),
+                                        {"samples": torch.zeros(1, 3, 8, 8)})[0]
+
+
 def chain(k, *conditionings, weight=1.0):
     negs = None
     for c in conditionings:
@@ -159,11 +168,12 @@ GOOD = {
     "NegationSplitterEncode": lambda k: dict(text="a man without hat", clip=FakeClip(), extra_negative=""),
     "NegativeAttentionGuidance": lambda k: dict(model=k.model, negative=cond(7), scale=5.0, tau=2.5, alpha=0.25,
                                                 norm="L2", start_percent=0.0, end_percent=1.0),
+    "NegativeGuidanceToyModel": lambda k: dict(independent_halves=False),
 }
 
 
 def node_class(k, node):
-    for module in (k.g, k.r, k.viz, k.cd, k.nag):
+    for module in (k.g, k.r, k.viz, k.cd, k.nag, k.toy):
         for cls in module.NODES:
             if cls.define_schema().node_id == node:
                 return cls
@@ -328,6 +338,7 @@ BAD = [
     ("NegationSplitterEncode", "text", "must be a string", run("NegationSplitterEncode", text=None)),
     ("NegationSplitterEncode", "extra_negative", "must be a string", run("NegationSplitterEncode", extra_negative=b"blurry")),
     # NegativeAttentionGuidance
+    ("NegativeGuidanceToyModel", "independent_halves", "must be true or false", run("NegativeGuidanceToyModel", independent_halves="yes")),
     ("NegativeAttentionGuidance", "model", "must be a MODEL", run("NegativeAttentionGuidance", model=None)),
     ("NegativeAttentionGuidance", "model", "a family NAG does not reach", run("NegativeAttentionGuidance", model=dit_like)),
     ("NegativeAttentionGuidance", "negative", "context width (768, SD15)", run("NegativeAttentionGuidance", negative=lambda k: cond(7, width=2048))),
@@ -360,6 +371,7 @@ FLOATS = {
     "NegationSplitter": [],
     "NegationSplitterEncode": [],
     "NegativeAttentionGuidance": ["scale", "tau", "alpha", "start_percent", "end_percent"],
+    "NegativeGuidanceToyModel": [],
 }
 NON_FINITE = [(node, name, value) for node, names in FLOATS.items() for name in names for value in (NAN, INF, -INF)]
 
@@ -395,13 +407,13 @@ def test_every_float_input_refuses_nan_and_inf(kit, no_work, node, name, value):
 
 
 def test_every_node_and_float_input_is_in_the_table(kit):
-    """All seventeen nodes the pack registers have rows, and FLOATS lists exactly their FLOAT inputs."""
+    """All eighteen nodes the pack registers have rows, and FLOATS lists exactly their FLOAT inputs."""
     pack = importlib.import_module("negative_guidance_pack")
     import asyncio
 
     nodes = asyncio.run(asyncio.run(pack.comfy_entrypoint()).get_node_list())
     schemas = {n.define_schema().node_id: n.define_schema() for n in nodes}
-    assert len(schemas) == 17
+    assert len(schemas) == 18
     assert set(schemas) == set(FLOATS) == set(GOOD)
     assert {row[0] for row in BAD} | {n for n, _, _ in NON_FINITE} == set(schemas)
     for node, schema in schemas.items():
@@ -524,6 +536,7 @@ def mutation_case(k, node, model):
         "ConditioningDiff": (dict(a=pos + neg, b=diff_b, mode="project_out", scale=2.0),
                              lambda out: k.cd.ConditioningDiff.execute(pos + neg, diff_b, "subtract", -1.5)),
         "NegationSplitter": (dict(text="a man without (mustache:1.2), no hat", extra_negative="blurry"), None),
+        "NegativeGuidanceToyModel": (dict(independent_halves=True), lambda out: toy_sample(k, out)),
         "NegationSplitterEncode": (dict(text="a man without hat", clip=FakeClip(), extra_negative="blurry"), None),
         "NegativeAttentionGuidance": (dict(model=model, negative=rich_cond(7, tokens=154), scale=4.0, tau=2.5, alpha=0.5,
                                            norm="L1", start_percent=0.1, end_percent=0.9),

@@ -160,7 +160,7 @@ def test_every_rule_moves_the_share_as_the_toy_benchmark_does(server, kind, para
 def test_the_visualizers_heatmap_lies_on_the_mustache_band(server):
     image = pictures(server, toy_prompt(negative="mustache", cfg=4.0, visualize=True), node="70")[0]
     cell, label, header = 128, 110, 18  # drawing.strips' layout; the heatmap is the fourth column
-    band = torch.from_numpy(np.asarray(Image.fromarray(toy.mustache_band(SIZE // 8).numpy()).resize((cell, cell))))
+    band = torch.from_numpy(np.array(Image.fromarray(toy.mustache_band(SIZE // 8).numpy()).resize((cell, cell))))
     x0 = label + 3 * (cell + 4)
     moved = 0
     for row in range(4):  # the shown steps; once the sample has decided, the negative moves nothing
