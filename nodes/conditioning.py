@@ -17,6 +17,8 @@ import logging
 import torch
 from comfy_api.latest import io, ui
 
+import comfy.model_management
+
 from ..samplers import condiff, negation
 from . import _host
 
@@ -115,7 +117,8 @@ class ConditioningDiff(io.ComfyNode):
         node = "ConditioningDiff"
         scale = validate_diff(node, a, b, mode, scale)
         with torch.no_grad():
-            result = condiff.diff_conditionings(a, b, mode, scale)
+            result = condiff.diff_conditionings(a, b, mode, scale,
+                                                 check=comfy.model_management.throw_exception_if_processing_interrupted)
         chart = torch.from_numpy(result.chart).unsqueeze(0)
         log.info("%s: cosine %.4f over %d entr%s", node, result.cosine, len(result.entries),
                  "y" if len(result.entries) == 1 else "ies")
@@ -139,8 +142,10 @@ def _text_input(name: str = "text", optional: bool = False, tooltip: str = "") -
 
 
 TEXT_TOOLTIP = ("The positive prompt as written, e.g. 'portrait of a man without mustache, no hat'. Phrases "
-                "after without / no / not, and words non-X / X-free, move to the negative; weights such as "
-                "(mustache:1.2) move intact.")
+                "after without / no / not / never / lacking / sans / minus / except / excluding / other than / "
+                "free of / devoid of, and words non-X / X-free, move to the negative; weights such as "
+                "(mustache:1.2) move intact. A double negation ('not without courage') stays positive, "
+                "without its two negating words.")
 EXTRA_TOOLTIP = "Optional negative text appended after the moved phrases (e.g. 'blurry, low quality')."
 
 
@@ -150,7 +155,7 @@ def split_text(node: str, text, extra_negative) -> negation.Split:
         raise _host.InputError(node, "text", "must be a string", type(text).__name__)
     if not isinstance(extra_negative, str):
         raise _host.InputError(node, "extra_negative", "must be a string", type(extra_negative).__name__)
-    split = negation.split_negations(text)
+    split = negation.split_negations(text, check=comfy.model_management.throw_exception_if_processing_interrupted)
     negative = negation.merge_negative(split.negative, extra_negative)
     if split.changed:
         log.info("%s: moved %s to the negative", node, ", ".join(repr(m) for m in split.moved))

@@ -162,17 +162,20 @@ def _rgb(preview: torch.Tensor, trace, vae) -> np.ndarray:
     return (image[0].clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def render(trace, steps: int, vae=None, cell: int = 128) -> torch.Tensor:
+def render(trace, steps: int, vae=None, cell: int = 128, check=None) -> torch.Tensor:
     """The visualizer's picture from a ``samplers.trace.Trace``: one strip per shown step over the chart.
 
     ``vae`` (anything with ``decode(latent) -> [B, H, W, 3]``) decodes the previews; without it the
-    model's linear latent-to-RGB factors recorded in the trace are used.
+    model's linear latent-to-RGB factors recorded in the trace are used. ``check`` (the host's
+    interrupt test) is called before each strip.
     """
     shown = shown_indices(len(trace.steps), steps)
     moved = {i: magnitude(trace.steps[i].guided[0].float() - trace.steps[i].pos[0].float()) for i in shown}
     vmax = max((float(np.percentile(m, 99)) for m in moved.values()), default=1.0) or 1.0
     rows = []
     for i in shown:
+        if check is not None:
+            check()
         step = trace.steps[i]
         images = [_rgb(step.pos, trace, vae), None if step.neg is None else _rgb(step.neg, trace, vae),
                   _rgb(step.guided, trace, vae), heatmap(moved[i], vmax)]

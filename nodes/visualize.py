@@ -11,6 +11,8 @@ import logging
 import torch
 from comfy_api.latest import io, ui
 
+import comfy.model_management
+
 from ..samplers.trace import Trace, fingerprint
 from . import _host, drawing
 from .guidance import CATEGORY, TraceType
@@ -76,7 +78,8 @@ class GuidanceVisualizer(io.ComfyNode):
         if vae is not None and not callable(getattr(vae, "decode", None)):
             raise _host.InputError(NODE, "vae", "must be a VAE (the output of a checkpoint or VAE loader)",
                                    type(vae).__name__)
-        image = drawing.render(check_trace(trace, latent), steps, vae)
+        image = drawing.render(check_trace(trace, latent), steps, vae,
+                               check=comfy.model_management.throw_exception_if_processing_interrupted)
         return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))
 
 

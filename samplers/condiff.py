@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -460,19 +460,26 @@ def _out_dict(extra_a: dict, extra_b: dict, entry: EntryDiff, mode: str, scale: 
     return out
 
 
-def diff_conditionings(a: Sequence, b: Sequence, mode: str = "subtract", scale: float = 1.0) -> DiffResult:
+def diff_conditionings(a: Sequence, b: Sequence, mode: str = "subtract", scale: float = 1.0,
+                       check: Optional[Callable[[], None]] = None) -> DiffResult:
     """Diff two conditionings (lists of ``[tensor, dict]``) entry by entry; a one-entry ``b`` applies to
-    every entry of ``a``. Inputs are never changed: new lists, copied dicts, new tensors."""
+    every entry of ``a``. Inputs are never changed: new lists, copied dicts, new tensors. ``check``
+    (e.g. the host's interrupt test) is called before each entry, the report and the chart."""
+    check = check or (lambda: None)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if len(b) not in (1, len(a)):
         raise ValueError(f"b has {len(b)} entries; it needs 1 or as many as a ({len(a)})")
     out, entries, pairs = [], [], []
     for i, (ta, da) in enumerate(a):
+        check()
         tb, db = b[i] if len(b) > 1 else b[0]
         entry, a2, b2 = diff_entry(i, ta, tb, da, db)
         out.append([combine(mode, a2, b2, scale), _out_dict(da, db, entry, mode, scale, ta.shape[1])])
         entries.append(entry)
         pairs.append((a2, b2))
     overall = overall_cosine(pairs)
-    return DiffResult(out, overall, entries, format_report(entries, overall, mode, scale), draw_chart(entries, overall))
+    check()
+    report = format_report(entries, overall, mode, scale)
+    check()
+    return DiffResult(out, overall, entries, report, draw_chart(entries, overall))
