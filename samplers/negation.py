@@ -53,7 +53,6 @@ CHECK_EVERY = 4096
 SINGLE_CUES = frozenset({"without", "no", "not", "never", "lacking", "sans", "minus", "except", "excluding"})
 PAIR_CUES = {("except", "for"): "except", ("other", "than"): "other than", ("free", "of"): "free of",
              ("devoid", "of"): "devoid of"}
-CUES = SINGLE_CUES
 CUE_WORDS = SINGLE_CUES | {first for first, _ in PAIR_CUES}
 # "not without courage": the first cue turns the second into an affirmation.
 DOUBLE_FIRST = frozenset({"not", "never"})
@@ -71,7 +70,7 @@ STOP = frozenset({
     "from", "into", "onto", "against", "inside", "outside", "during", "while", "who", "which", "that",
     "where", "when", "but", "is", "are", "was", "were", "has", "have", "for", "to", "as", "like", "above",
     "below", "between", "through", "across", "around", "along",
-}) | CUES | PARTICIPLES
+}) | SINGLE_CUES | PARTICIPLES
 ARTICLES = frozenset({"a", "an", "the", "any", "some", "single"})
 # Dropped at the start of the first item only ("not wearing a hat" -> "hat").
 CONNECTIVES = frozenset({"wearing", "having", "holding", "showing", "containing", "with", "include", "including"})
@@ -112,7 +111,7 @@ FREE_KEEP = frozenset({"hands", "duty", "tax", "toll", "fancy", "scot", "care", 
 _NON = re.compile(r"^non-(.+)$", re.IGNORECASE | re.DOTALL)
 _FREE = re.compile(r"^(.+)-free$", re.IGNORECASE | re.DOTALL)
 _WEIGHT = re.compile(r"\s*[+-]?(?:\d+(?:\.\d*)?|\.\d+)\s*")
-_MAYBE = re.compile(r"-|(?<!\w)(?:" + "|".join(sorted(SINGLE_CUES | {a for a, _ in PAIR_CUES})) + r")(?!\w)",
+_MAYBE = re.compile(r"-|(?<!\w)(?:" + "|".join(sorted(CUE_WORDS)) + r")(?!\w)",
                     re.IGNORECASE)
 _NUMBER = re.compile(r"^[#\d]")
 _SPACES = re.compile(r"[ \t]+")
@@ -246,7 +245,7 @@ def _tokens(text: str, check: Check = None, lo: int = 0, hi: Optional[int] = Non
                 out += _plain(text, i, start, hi)
             i = _specials(text, start, stop, hi, groups, out)
             if i != stop:
-                break  # a group or quote ended inside the run or beyond it: read on from its end
+                break  # the run's last group or quote reaches beyond it: read on from its end
         else:
             out += _plain(text, i, hi, hi)
             break
@@ -425,12 +424,6 @@ def _inner_end(group: str) -> Tuple[int, Optional[str]]:
         if m:
             return colon, m.group().strip()
     return len(group) - 1, None
-
-
-def weighted(group: str) -> Tuple[str, Optional[str]]:
-    """The inside of a ``(...)`` group and its weight: "(hat:1.2)" -> ("hat", "1.2"), "(hat)" -> ("hat", None)."""
-    end, weight = _inner_end(group)
-    return group[1:end], weight
 
 
 def _group_negation(t: Token, ctx: "_Context") -> Optional[Tuple[Optional[str], str, Tuple[str, ...]]]:
