@@ -18,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import comfy_host  # noqa: E402
+
 log = logging.getLogger("negative_guidance.demo")
 
 

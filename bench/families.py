@@ -16,11 +16,10 @@ refiner), Qwen-Image and Lumina2. ``ALL_FAMILIES`` is both.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
-
 from tiny import UNET_CONFIG, make_random_model
 
 SDXL_UNET = dict(
@@ -102,11 +101,11 @@ class Family:
     context_width: int
     pooled_width: int = 0
     channels: int = 4
-    frames: Optional[int] = None
+    frames: int | None = None
     flow: bool = False
     unet: bool = False
     extra: dict = field(default_factory=dict, repr=False)
-    per_prompt: Optional[Callable] = field(default=None, repr=False)  # (generator, tokens, batch) -> more keys
+    per_prompt: Callable | None = field(default=None, repr=False)  # (generator, tokens, batch) -> more keys
     size: int = 8  # latent height and width the tests use
 
     def model(self, seed: int = 0, dtype=torch.float32, device: str = "cpu"):
@@ -124,7 +123,7 @@ class Family:
         values.update(extra)
         return [[torch.randn(batch, tokens, self.context_width, generator=gen), values]]
 
-    def latent(self, batch: int = 1, size: Optional[int] = None) -> dict:
+    def latent(self, batch: int = 1, size: int | None = None) -> dict:
         size = size or self.size
         shape = (batch, self.channels) + ((self.frames,) if self.frames is not None else ()) + (size, size)
         return {"samples": torch.zeros(shape)}

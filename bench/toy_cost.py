@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-
 from toy_demo import ROOT, load_pack
 
 log = logging.getLogger("negative_guidance.toy_cost")

@@ -10,8 +10,8 @@ of samples with a mustache in each. Runs in seconds on a CPU, with no ComfyUI an
 from __future__ import annotations
 
 import argparse
-import math
 import logging
+import math
 import sys
 from pathlib import Path
 

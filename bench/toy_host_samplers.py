@@ -16,10 +16,8 @@ import importlib
 import logging
 from pathlib import Path
 
-import torch
-from PIL import Image, ImageDraw
-
 from demo_host import ROOT, load_host_and_pack
+from PIL import Image, ImageDraw
 from tiny import count_forwards
 
 log = logging.getLogger("negative_guidance.toy_host_samplers")

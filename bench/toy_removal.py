@@ -18,7 +18,6 @@ import argparse
 import logging
 
 import torch
-
 from toy_demo import load_pack
 
 log = logging.getLogger("negative_guidance.toy_removal")

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 from PIL import Image
-
 from toy_demo import ROOT, load_pack
 
 log = logging.getLogger("negative_guidance.trace_demo")

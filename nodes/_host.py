@@ -19,9 +19,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional
-
-import torch
 
 import comfy.model_patcher
 import comfy.model_sampling
@@ -29,6 +26,7 @@ import comfy.patcher_extension
 import comfy.sampler_helpers
 import comfy.samplers
 import node_helpers
+import torch
 
 from ..samplers import rules
 from ..samplers.engine import ExtraNegative, GuidanceSpec, combine_step, negative_for, outside_as_reference
@@ -68,9 +66,9 @@ class GuidanceRequest:
     extras: tuple = ()
     negative_start_percent: float = 0.0
     negative_end_percent: float = 1.0
-    unconditional: Optional[list] = None
-    rule: Optional[rules.CFG] = None
-    trace: Optional[Trace] = None
+    unconditional: list | None = None
+    rule: rules.CFG | None = None
+    trace: Trace | None = None
 
     @property
     def is_plain_cfg(self) -> bool:
@@ -156,7 +154,7 @@ def needs_pooled(model) -> bool:
     return False
 
 
-def model_context_width(model) -> Optional[int]:
+def model_context_width(model) -> int | None:
     """The embedding width a UNet's cross-attention takes; None for families whose config does not say it plainly."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
@@ -397,7 +395,7 @@ class _Step:
 class _Run:
     """The hooks of one sampling run; lives in that run's copy of the model options only."""
 
-    def __init__(self, spec: GuidanceSpec, guider, cfg: float, node: str, trace: Optional[Trace] = None):
+    def __init__(self, spec: GuidanceSpec, guider, cfg: float, node: str, trace: Trace | None = None):
         self.spec = spec
         self.trace = trace
         self.guider = guider
@@ -408,7 +406,7 @@ class _Run:
         self.branches = 0
         self.prev_calc = None
         self.prev_cfg = None
-        self.pending: Optional[_Step] = None
+        self.pending: _Step | None = None
 
     @property
     def combines(self) -> bool:

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import logging
 
+import comfy.model_management
 import torch
 from comfy_api.latest import io, ui
-
-import comfy.model_management
 
 from ..samplers import condiff, negation
 from . import _host

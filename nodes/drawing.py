@@ -4,7 +4,7 @@ Everything takes and returns plain arrays and images, so it is tested without Co
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ STAT_COLOURS = {"pos_norm": (46, 134, 222), "neg_norm": (231, 76, 60), "cosine":
                 "neg_share": (142, 68, 173)}
 
 
-def latent_to_rgb(latent: torch.Tensor, factors: Optional[Sequence] = None, bias: Optional[Sequence] = None) -> np.ndarray:
+def latent_to_rgb(latent: torch.Tensor, factors: Sequence | None = None, bias: Sequence | None = None) -> np.ndarray:
     """A [C, H, W] latent to an [H, W, 3] uint8 image with the model's linear RGB factors.
 
     The host's latent preview does the same (``latent_rgb_factors``, then ``(rgb + 1) / 2``); with no

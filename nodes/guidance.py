@@ -33,7 +33,7 @@ def trace_input() -> io.Boolean.Input:
     )
 
 
-def new_trace(record_trace) -> "Trace | None":
+def new_trace(record_trace) -> Trace | None:
     return Trace() if record_trace else None
 
 

@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import logging
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from comfy_api.latest import io
@@ -59,7 +58,7 @@ class Negative:
     def tensor(self, like: torch.Tensor) -> torch.Tensor:
         return self._cached("cond", self.cond, like)
 
-    def extra(self, key: str, like: torch.Tensor, tokens: Optional[int] = None) -> torch.Tensor:
+    def extra(self, key: str, like: torch.Tensor, tokens: int | None = None) -> torch.Tensor:
         value = self.values.get(key)
         if value is None:
             value = torch.ones(1, tokens, dtype=like.dtype)  # an attention mask that keeps every token
@@ -80,7 +79,7 @@ class CallState:
     params: Params
     identify_by_patch: bool = False
     cross_pending: bool = False
-    realign: Optional[tuple] = None   # (rotary table, "positive" or "negative"): see nag_families.QwenImage
+    realign: tuple | None = None   # (rotary table, "positive" or "negative"): see nag_families.QwenImage
     text_refiner: bool = False        # the model also attends over its text alone
     calls: dict = field(default_factory=dict)
 
@@ -90,7 +89,7 @@ def _index(values: tuple, device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
 
 
-def guided_rows(transformer_options: dict, batch: int, device) -> Optional[torch.Tensor]:
+def guided_rows(transformer_options: dict, batch: int, device) -> torch.Tensor | None:
     """The rows of a model call that hold a positive prompt (the host's ``cond_or_uncond`` 0)."""
     chunks = transformer_options.get("cond_or_uncond") or [0]
     per = batch // len(chunks)

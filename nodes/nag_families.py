@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -38,12 +37,12 @@ class Prepared:
 
     x: torch.Tensor
     t: torch.Tensor
-    c_concat: Optional[torch.Tensor]
+    c_concat: torch.Tensor | None
     context: torch.Tensor
-    control: Optional[dict]
+    control: dict | None
     kwargs: dict
     layout: Layout
-    realign: Optional[tuple] = None       # (rotary table, "positive" or "negative"): the text a joint call moves
+    realign: tuple | None = None       # (rotary table, "positive" or "negative"): the text a joint call moves
 
 
 def _patches(size: int, patch: int) -> int:
@@ -69,7 +68,7 @@ class Adapter:
     text_refiner = False              # the model also attends over its text alone (a token refiner)
     negative_keys: tuple = ()         # conditioning keys the negative must carry besides its tensor
 
-    def context_width(self, dm) -> Optional[int]:
+    def context_width(self, dm) -> int | None:
         return None
 
     def check_model(self, dm) -> None:
@@ -338,7 +337,7 @@ class Lumina2(Adapter):
         return p
 
 
-_ROTATIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_ROTATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _rotation(embedder, offset: int, axes: tuple, device) -> torch.Tensor:
@@ -375,12 +374,12 @@ REFUSED = {
 }
 
 
-def refusal(dm) -> Optional[str]:
+def refusal(dm) -> str | None:
     """Why NAG cannot guide this diffusion model, for the families it refuses by name."""
     return REFUSED.get(type(dm).__name__)
 
 
-def adapter_for(dm) -> Optional[Adapter]:
+def adapter_for(dm) -> Adapter | None:
     """The adapter of a diffusion model, or None for a family NAG does not know."""
     from comfy.ldm.chroma.model import Chroma as ChromaModel
     from comfy.ldm.flux.model import Flux as FluxModel

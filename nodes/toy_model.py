@@ -13,9 +13,6 @@
 """
 from __future__ import annotations
 
-import torch
-from comfy_api.latest import io
-
 import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management
@@ -23,7 +20,9 @@ import comfy.model_patcher
 import comfy.sd
 import comfy.sd1_clip
 import comfy.supported_models_base
+import torch
 from comfy.ldm.modules.attention import optimized_attention
+from comfy_api.latest import io
 
 from ..samplers import toy
 from . import _host

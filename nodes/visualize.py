@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import logging
 
+import comfy.model_management
 import torch
 from comfy_api.latest import io, ui
-
-import comfy.model_management
 
 from ..samplers.trace import Trace, fingerprint
 from . import _host, drawing

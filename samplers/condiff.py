@@ -15,8 +15,8 @@ token tensors, flattened (all entries together); 1 means the same direction.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ MAX_PANELS = 4
 # ---------------------------------------------------------------------------- alignment
 
 
-def repeat_factors(n_a: int, n_b: int, max_repeat: int = MAX_REPEAT) -> Optional[Tuple[int, int]]:
+def repeat_factors(n_a: int, n_b: int, max_repeat: int = MAX_REPEAT) -> tuple[int, int] | None:
     """How often to repeat a's and b's tokens to align them, or None where the host refuses.
 
     Mirrors ``CONDCrossAttn.can_concat``: lcm of the lengths, refused when lcm // min > 4.
@@ -46,7 +46,7 @@ def repeat_factors(n_a: int, n_b: int, max_repeat: int = MAX_REPEAT) -> Optional
     return lcm // n_a, lcm // n_b
 
 
-def align(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def align(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Repeat the token axis as the host's ``CONDCrossAttn.concat`` does; broadcast a batch-1 ``b``."""
     factors = repeat_factors(a.shape[1], b.shape[1])
     if factors is None:
@@ -104,7 +104,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return max(-1.0, min(1.0, float(a64 @ b64) / (na * nb)))
 
 
-def overall_cosine(pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> float:
+def overall_cosine(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """Cosine of all aligned pairs taken together as one long vector."""
     a = torch.cat([x.double().reshape(-1) for x, _ in pairs])
     b = torch.cat([y.double().reshape(-1).to(a.device) for _, y in pairs])
@@ -143,7 +143,7 @@ def clean_label(label: str) -> str:
     return {"<|startoftext|>": "<start>", "<|endoftext|>": "<end>"}.get(text, text)
 
 
-def labels_from(extra: dict, n_tokens: int) -> Optional[List[str]]:
+def labels_from(extra: dict, n_tokens: int) -> list[str] | None:
     """Token strings a node put in the conditioning dict (``LABEL_KEYS``), when they fit its tokens."""
     for key in LABEL_KEYS:
         value = extra.get(key)
@@ -154,8 +154,8 @@ def labels_from(extra: dict, n_tokens: int) -> Optional[List[str]]:
     return None
 
 
-def token_labels(labels_a: Optional[List[str]], labels_b: Optional[List[str]], ra: int, rb: int,
-                 n_tokens: int) -> Tuple[List[str], bool]:
+def token_labels(labels_a: list[str] | None, labels_b: list[str] | None, ra: int, rb: int,
+                 n_tokens: int) -> tuple[list[str], bool]:
     """Labels of the aligned tokens ('a|b' where they differ), and whether any came from the dicts."""
     la = labels_a * ra if labels_a else None
     lb = labels_b * rb if labels_b else None
@@ -176,29 +176,29 @@ class EntryDiff:
     """Everything the report and the chart need about one [tensor, dict] pair."""
 
     index: int
-    shape_a: Tuple[int, ...]
-    shape_b: Tuple[int, ...]
-    factors: Tuple[int, int]
+    shape_a: tuple[int, ...]
+    shape_b: tuple[int, ...]
+    factors: tuple[int, int]
     stats: TokenStats
-    labels: List[str]
+    labels: list[str]
     labelled: bool
     cosine: float
-    pooled_cosine: Optional[float] = None
+    pooled_cosine: float | None = None
     pooled_note: str = ""
-    notes: List[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def n_tokens(self) -> int:
         return len(self.labels)
 
-    def top(self, k: int) -> List[int]:
+    def top(self, k: int) -> list[int]:
         """Token indices with the largest cosine distance, largest first (ties: first token first)."""
         order = np.argsort(-self.stats.cosine_distance, kind="stable")
         return [int(i) for i in order[:k]]
 
 
 def diff_entry(index: int, a: torch.Tensor, b: torch.Tensor, extra_a: dict,
-               extra_b: dict) -> Tuple[EntryDiff, torch.Tensor, torch.Tensor]:
+               extra_b: dict) -> tuple[EntryDiff, torch.Tensor, torch.Tensor]:
     """Align one pair and measure it; returns the diff and the aligned tensors."""
     a2, b2 = align(a, b)
     ra, rb = repeat_factors(a.shape[1], b.shape[1])
@@ -209,7 +209,7 @@ def diff_entry(index: int, a: torch.Tensor, b: torch.Tensor, extra_a: dict,
     return entry, a2, b2
 
 
-def pooled_of(extra: dict) -> Optional[torch.Tensor]:
+def pooled_of(extra: dict) -> torch.Tensor | None:
     """The pooled vector of a conditioning dict (SDXL's ``pooled_output``), or None."""
     value = extra.get("pooled_output")
     return value if isinstance(value, torch.Tensor) else None
@@ -275,7 +275,7 @@ class Layout:
     plot_bottom: int
     panel_height: int
 
-    def bar_x(self, t: int) -> Tuple[int, int]:
+    def bar_x(self, t: int) -> tuple[int, int]:
         """Left and right pixel column of token ``t``'s bar."""
         x0 = self.left + t * self.pitch
         gap = 1 if self.pitch >= 4 else 0
@@ -315,7 +315,7 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _color(v: float) -> Tuple[int, int, int]:
+def _color(v: float) -> tuple[int, int, int]:
     """Blue (small) -> orange -> red (largest) for a value in [0, 1]."""
     stops = [(0.0, (80, 120, 200)), (0.6, (240, 165, 60)), (1.0, (210, 45, 40))]
     v = min(max(v, 0.0), 1.0)
@@ -385,7 +385,7 @@ def _draw_labels(img, top: int, entry: EntryDiff, lay: Layout, ymax: float) -> N
             draw.text((xa, y1 + 5), str(t), font=small, fill=AXIS)
     d = entry.stats.cosine_distance
     peak = float(d.max()) if d.size else 0.0
-    placed: List[Tuple[int, int, int]] = []  # x0, x1, y of the names already drawn
+    placed: list[tuple[int, int, int]] = []  # x0, x1, y of the names already drawn
     for t in entry.top(3):
         v = float(d[t])
         if v <= 1e-9 or v < 0.25 * peak:
@@ -432,7 +432,7 @@ class DiffResult:
 
     conditioning: list
     cosine: float
-    entries: List[EntryDiff]
+    entries: list[EntryDiff]
     report: str
     chart: np.ndarray
 
@@ -461,7 +461,7 @@ def _out_dict(extra_a: dict, extra_b: dict, entry: EntryDiff, mode: str, scale: 
 
 
 def diff_conditionings(a: Sequence, b: Sequence, mode: str = "subtract", scale: float = 1.0,
-                       check: Optional[Callable[[], None]] = None) -> DiffResult:
+                       check: Callable[[], None] | None = None) -> DiffResult:
     """Diff two conditionings (lists of ``[tensor, dict]``) entry by entry; a one-entry ``b`` applies to
     every entry of ``a``. Inputs are never changed: new lists, copied dicts, new tensors. ``check``
     (e.g. the host's interrupt test) is called before each entry, the report and the chart."""

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -77,7 +77,7 @@ class GuidanceSpec:
 
     def plan(
         self,
-        sigma: Optional[float],
+        sigma: float | None,
         *,
         has_primary: bool = True,
         primary_term_needed: bool = True,
@@ -124,7 +124,7 @@ class GuidanceSpec:
         return values.get("primary"), values.get("uncond"), [values[i] for i in plan.extras]
 
 
-def _pick(role: Optional[str], pos, primary, uncond) -> torch.Tensor:
+def _pick(role: str | None, pos, primary, uncond) -> torch.Tensor:
     chosen = {"primary": primary, "uncond": uncond, "positive": pos}[role]
     if chosen is None:
         raise ValueError(f"the step plan uses the {role} prediction but it was not computed")
@@ -154,14 +154,14 @@ def combine_step(
     *,
     scale: float,
     pos: torch.Tensor,
-    primary: Optional[torch.Tensor] = None,
-    uncond: Optional[torch.Tensor] = None,
+    primary: torch.Tensor | None = None,
+    uncond: torch.Tensor | None = None,
     extras: Sequence[torch.Tensor] = (),
-    x: Optional[torch.Tensor] = None,
-    sigma: Optional[torch.Tensor] = None,
-    sample_sigmas: Optional[torch.Tensor] = None,
-    neg: Optional[torch.Tensor] = None,
-    primary_combine: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+    x: torch.Tensor | None = None,
+    sigma: torch.Tensor | None = None,
+    sample_sigmas: torch.Tensor | None = None,
+    neg: torch.Tensor | None = None,
+    primary_combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Combine one step's predictions into the guided prediction (denoised space).
 

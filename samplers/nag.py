@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
 NORMS = {"L1": 1, "L2": 2}
 EPS = 1e-6  # norms are clamped here, as in the reference port
 
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def nag(z_pos: torch.Tensor, z_neg: torch.Tensor, scale: float, tau: float, alpha: float,
@@ -162,7 +162,7 @@ class Call:
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    mask: Optional[torch.Tensor]
+    mask: torch.Tensor | None
     q_dim: int
     v_dim: int
     out_dim: int
@@ -186,7 +186,7 @@ class Call:
     def keys(self) -> int:
         return self.k.shape[self.q_dim]
 
-    def piece(self, rows: Optional[torch.Tensor], queries: Optional[torch.Tensor], keys: Optional[torch.Tensor]):
+    def piece(self, rows: torch.Tensor | None, queries: torch.Tensor | None, keys: torch.Tensor | None):
         """q, k, v and mask restricted to some rows, query tokens and key tokens (``None``: all)."""
         def take(t, dim, index):
             return t if index is None else t.index_select(dim, index)

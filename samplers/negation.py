@@ -44,8 +44,9 @@ few thousand tokens so a host can interrupt a long run.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple
 
 MAX_DEPTH = 8
 CHECK_EVERY = 4096
@@ -118,7 +119,7 @@ _SPACES = re.compile(r"[ \t]+")
 _WHITESPACE = re.compile(r"\s+")
 _OPEN = {"(": ")", "[": "]", "{": "}"}
 
-Check = Optional[Callable[[], None]]
+Check = Callable[[], None] | None
 
 
 class Token(NamedTuple):
@@ -138,8 +139,8 @@ class Split:
 
     positive: str
     negative: str
-    moved: Tuple[str, ...] = field(default_factory=tuple)
-    dropped: Tuple[str, ...] = field(default_factory=tuple)
+    moved: tuple[str, ...] = field(default_factory=tuple)
+    dropped: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def changed(self) -> bool:
@@ -165,10 +166,10 @@ class _Groups:
 
     def __init__(self, text: str):
         self.text = text
-        self.ends: Dict[int, Optional[int]] = {}
+        self.ends: dict[int, int | None] = {}
         self.last = {closer: text.rfind(closer) for closer in _OPEN.values()}
 
-    def end(self, i: int) -> Optional[int]:
+    def end(self, i: int) -> int | None:
         """End (exclusive) of the balanced group opening at ``text[i]``, or None when unbalanced."""
         if i not in self.ends:
             if self.last[_OPEN[self.text[i]]] < i:
@@ -212,19 +213,19 @@ _SPECIAL = re.compile(r'\\[\s\S]?|([()\[\]{}"]+)')
 _SPACE = ("space", " ", "", -1)  # the commonest token, made once
 
 
-def _plain(text: str, a: int, b: int, hi: int) -> List[Token]:
+def _plain(text: str, a: int, b: int, hi: int) -> list[Token]:
     found = (_PLAIN_END if b == hi else _PLAIN_MID).findall(text, a, b)
     return [("word", w, w.lower(), -1) if w else _SPACE if sp == " " else ("space", sp, "", -1) if sp
             else ("sep", sep, "", -1) for sep, sp, w in found]
 
 
-def tokenize(text: str) -> List[Token]:
+def tokenize(text: str) -> list[Token]:
     """Cut a prompt into words, atomic groups/quotes, spaces, separators and other punctuation."""
     return [Token(*t) for t in _tokens(text)]
 
 
-def _tokens(text: str, check: Check = None, lo: int = 0, hi: Optional[int] = None,
-            groups: Optional[_Groups] = None) -> List[tuple]:
+def _tokens(text: str, check: Check = None, lo: int = 0, hi: int | None = None,
+            groups: _Groups | None = None) -> list[tuple]:
     """:func:`tokenize` of ``text[lo:hi]`` as plain tuples (kind, text, low, start), which cost a
     fraction of a named tuple's time to make.
 
@@ -232,7 +233,7 @@ def _tokens(text: str, check: Check = None, lo: int = 0, hi: Optional[int] = Non
     """
     hi = len(text) if hi is None else hi
     groups = groups or _Groups(text)
-    out: List[tuple] = []
+    out: list[tuple] = []
     i = lo
     while i < hi:
         if check is not None:
@@ -252,7 +253,7 @@ def _tokens(text: str, check: Check = None, lo: int = 0, hi: Optional[int] = Non
     return out
 
 
-def _specials(text: str, start: int, stop: int, hi: int, groups: _Groups, out: List[tuple]) -> int:
+def _specials(text: str, start: int, stop: int, hi: int, groups: _Groups, out: list[tuple]) -> int:
     """Read a run of brackets and quotes: the groups and quotes it opens, and each stretch of
     unbalanced ones as one punctuation token. Returns where reading goes on (past ``stop`` when
     the last group reaches beyond the run)."""
@@ -272,10 +273,10 @@ def _specials(text: str, start: int, stop: int, hi: int, groups: _Groups, out: L
     return max(j, stop)
 
 
-def segments(tokens: Sequence[Token]) -> Tuple[List[List[Token]], List[str]]:
+def segments(tokens: Sequence[Token]) -> tuple[list[list[Token]], list[str]]:
     """Tokens between separators, and the separators (one fewer than the segments)."""
-    segs: List[List[Token]] = [[]]
-    seps: List[str] = []
+    segs: list[list[Token]] = [[]]
+    seps: list[str] = []
     for t in tokens:
         if t[0] == "sep":
             seps.append(t[1])
@@ -303,10 +304,10 @@ def _prev(tokens: Sequence[Token], k: int) -> int:
 
 
 # A cue found in a segment: (its name, its first word's index, the index after its last word).
-Cue = Tuple[str, int, int]
+Cue = tuple[str, int, int]
 
 
-def _cue_at(tokens: Sequence[Token], k: int, before: Sequence[Token] = ()) -> Optional[Cue]:
+def _cue_at(tokens: Sequence[Token], k: int, before: Sequence[Token] = ()) -> Cue | None:
     """The cue whose first word is ``tokens[k]``, if any; ``before`` is the kept text before it."""
     low = tokens[k][2]
     if low not in CUE_WORDS:
@@ -343,10 +344,10 @@ def _items_text(item: Sequence[Token]) -> str:
     return _WHITESPACE.sub(" ", "".join(t[1] for t in item)).strip()
 
 
-def _span(tokens: Sequence[Token], q: int) -> Tuple[List[str], int, bool]:
+def _span(tokens: Sequence[Token], q: int) -> tuple[list[str], int, bool]:
     """Items negated from ``q`` on, the end index of the span, and whether it reached the segment end."""
-    items: List[List[Token]] = []
-    cur: List[Token] = []
+    items: list[list[Token]] = []
+    cur: list[Token] = []
     first, expecting, k = True, True, q
     while k < len(tokens):
         t = tokens[k]
@@ -403,7 +404,7 @@ def _pre_drop_start(cue: str, kept: Sequence[Token]) -> int:
     return start
 
 
-def _word_negation(t: Token) -> Optional[str]:
+def _word_negation(t: Token) -> str | None:
     """The moved stem of a ``non-X`` or ``X-free`` word, or None."""
     if t[0] != "word" or "-" not in t[1]:
         return None
@@ -416,7 +417,7 @@ def _word_negation(t: Token) -> Optional[str]:
     return None
 
 
-def _inner_end(group: str) -> Tuple[int, Optional[str]]:
+def _inner_end(group: str) -> tuple[int, str | None]:
     """Where the inside of a ``(...)`` group ends, and its weight (after the last colon, as the host reads it)."""
     colon = group.rfind(":", 1, len(group) - 1)
     if colon > 0:
@@ -426,7 +427,7 @@ def _inner_end(group: str) -> Tuple[int, Optional[str]]:
     return len(group) - 1, None
 
 
-def _group_negation(t: Token, ctx: "_Context") -> Optional[Tuple[Optional[str], str, Tuple[str, ...]]]:
+def _group_negation(t: Token, ctx: _Context) -> tuple[str | None, str, tuple[str, ...]] | None:
     """Split inside a parenthesised group: (positive group or None, negative group, dropped cues), or None."""
     if t[0] != "group" or not t[1].startswith("(") or ctx.depth >= MAX_DEPTH:
         return None
@@ -449,13 +450,13 @@ class _Segment:
     """What splitting one segment gives: the kept tokens, the moved items, the dropped cue words,
     and whether a negated span was still open at its end."""
 
-    kept: List[Token] = field(default_factory=list)
-    moved: List[str] = field(default_factory=list)
-    dropped: List[str] = field(default_factory=list)
+    kept: list[Token] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
     open_end: bool = False
 
 
-def _double_negation(tokens: Sequence[Token], cue: Cue) -> Optional[Cue]:
+def _double_negation(tokens: Sequence[Token], cue: Cue) -> Cue | None:
     """The second cue of "not without X" (with X after it), or None."""
     if cue[0] not in DOUBLE_FIRST:
         return None
@@ -467,7 +468,7 @@ def _double_negation(tokens: Sequence[Token], cue: Cue) -> Optional[Cue]:
     return second if x < len(tokens) and tokens[x][0] in ("word", "group") else None
 
 
-def _split_segment(tokens: List[tuple], ctx: "_Context") -> _Segment:
+def _split_segment(tokens: list[tuple], ctx: _Context) -> _Segment:
     """Remove the negations of one segment, reading left to right. Only the tokens that may start
     a negation (a cue word, a hyphenated word, a parenthesised group) are looked at one by one;
     the runs between them are kept whole, and kept tokens are only appended or cut from the end,
@@ -492,7 +493,7 @@ def _split_segment(tokens: List[tuple], ctx: "_Context") -> _Segment:
     return seg
 
 
-def _at_hot_token(tokens: List[tuple], k: int, seg: _Segment, ctx: "_Context") -> int:
+def _at_hot_token(tokens: list[tuple], k: int, seg: _Segment, ctx: _Context) -> int:
     """Read the token at ``k``, which may start a negation; return where reading goes on."""
     t, kept = tokens[k], seg.kept
     cue = _cue_at(tokens, k, kept)
@@ -552,10 +553,10 @@ def _clean(tokens: Sequence[Token]) -> str:
     return (lead[:1] if lead and body else "") + body
 
 
-def _simple_list(tokens: Sequence[Token]) -> Optional[Tuple[List[str], bool]]:
+def _simple_list(tokens: Sequence[Token]) -> tuple[list[str], bool] | None:
     """Items of a segment made only of short noun phrases joined by and/or, and whether it closes with or/nor."""
-    items: List[str] = []
-    cur: List[Token] = []
+    items: list[str] = []
+    cur: list[Token] = []
     closes = False
     for k, t in enumerate(tokens):
         if t[0] == "space":
@@ -588,9 +589,9 @@ def _strip_articles(item: str) -> str:
     return " ".join(parts[lo:])
 
 
-def _continuation(segs: Sequence[List[Token]], seps: Sequence[str], i: int) -> Tuple[List[str], int]:
+def _continuation(segs: Sequence[list[Token]], seps: Sequence[str], i: int) -> tuple[list[str], int]:
     """Items of comma segments after segment ``i`` that continue its negated list, and how many."""
-    pending: List[str] = []
+    pending: list[str] = []
     j = i + 1
     while j < len(segs) and seps[j - 1] == ",":
         found = _simple_list(segs[j])
@@ -607,7 +608,7 @@ def _continuation(segs: Sequence[List[Token]], seps: Sequence[str], i: int) -> T
 # ---------------------------------------------------------------------------- whole prompt
 
 
-def _dedupe(items: Sequence[str]) -> List[str]:
+def _dedupe(items: Sequence[str]) -> list[str]:
     seen, out = set(), []
     for item in items:
         key = item.strip().lower()
@@ -638,15 +639,15 @@ class _Context:
     depth: int
     check: Check
 
-    def inside(self, lo: int, hi: int) -> "_Context":
+    def inside(self, lo: int, hi: int) -> _Context:
         return _Context(self.text, lo, hi, self.groups, self.depth + 1, self.check)
 
 
 def _split(ctx: _Context) -> Split:
     segs, seps = segments(_tokens(ctx.text, ctx.check, ctx.lo, ctx.hi, ctx.groups))
-    kept: List[Optional[str]] = []
-    moved: List[str] = []
-    dropped: List[str] = []
+    kept: list[str | None] = []
+    moved: list[str] = []
+    dropped: list[str] = []
     i = 0
     while i < len(segs):
         seg = _split_segment(segs[i], ctx)
@@ -666,9 +667,9 @@ def _split(ctx: _Context) -> Split:
     return Split(_join(kept, seps), ", ".join(_dedupe(moved)), tuple(moved), tuple(dropped))
 
 
-def _join(kept: Sequence[Optional[str]], seps: Sequence[str]) -> str:
+def _join(kept: Sequence[str | None], seps: Sequence[str]) -> str:
     """Rejoin kept segments with the separator before each; a trailing separator of the text stays."""
-    out: List[str] = []
+    out: list[str] = []
     written = False  # whether the text so far has a character
     for idx, seg in enumerate(kept):
         if seg is None or (idx > 0 and not seg.strip() and idx == len(kept) - 1):

@@ -10,8 +10,8 @@ paper defines another; then the conversion is explicit (``to_noise``, ``to_v``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -100,7 +100,7 @@ def composable_not(
     guided: torch.Tensor,
     negatives: Sequence[torch.Tensor],
     weights: Sequence[float],
-    reference: Optional[torch.Tensor],
+    reference: torch.Tensor | None,
 ) -> torch.Tensor:
     """Composable Diffusion's NOT terms (Liu et al. 2022, eq. 12), added to a guided prediction.
 
@@ -149,7 +149,7 @@ def apg(
     eta: float,
     norm_threshold: float,
     momentum: float,
-    running: Optional[torch.Tensor],
+    running: torch.Tensor | None,
 ):
     """Adaptive Projected Guidance (Sadat et al. 2024, Algorithm 1), in denoised space.
 
@@ -275,11 +275,11 @@ class StepInputs:
     pos: torch.Tensor
     neg: torch.Tensor
     scale: float
-    uncond: Optional[torch.Tensor] = None
+    uncond: torch.Tensor | None = None
     extras: Sequence[torch.Tensor] = ()
     extra_weights: Sequence[float] = ()
-    reference: Optional[torch.Tensor] = None
-    sample_sigmas: Optional[torch.Tensor] = None
+    reference: torch.Tensor | None = None
+    sample_sigmas: torch.Tensor | None = None
     negative_role: str = "primary"
     flow: bool = False  # a flow-matching model (SD3, Flux, Wan): x = (1 - sigma) x0 + sigma noise
 
@@ -304,7 +304,7 @@ class CFG:
     def new_state(self):
         return None
 
-    def guidance_off(self, sigma: Optional[float], call_index: int) -> bool:
+    def guidance_off(self, sigma: float | None, call_index: int) -> bool:
         return False
 
     def fit(self, sigma_min: float, sigma_max: float) -> str:
@@ -417,7 +417,7 @@ class CFGZeroStar(CFG):
 class _Skipping(CFG):
     """A rule that turns guidance off on some steps and leaves the combine to ``inner``."""
 
-    inner: Optional[CFG] = None
+    inner: CFG | None = None
     reads_sigma = True
 
     @property
@@ -459,7 +459,7 @@ class MinSigma(_Skipping):
         _finite("min_sigma", self.min_sigma, 0.0, 1e4)
         _check_inner(self.inner)
 
-    def guidance_off(self, sigma: Optional[float], call_index: int) -> bool:
+    def guidance_off(self, sigma: float | None, call_index: int) -> bool:
         if self.min_sigma <= 0.0 or sigma is None or not sigma < self.min_sigma:
             return False
         return self.all_steps or call_index % 2 == 1
@@ -486,7 +486,7 @@ class GuidanceInterval(_Skipping):
         if self.sigma_low >= self.sigma_high:
             raise ValueError(f"sigma_low ({self.sigma_low}) must be below sigma_high ({self.sigma_high})")
 
-    def guidance_off(self, sigma: Optional[float], call_index: int) -> bool:
+    def guidance_off(self, sigma: float | None, call_index: int) -> bool:
         return sigma is not None and not (self.sigma_low < sigma <= self.sigma_high)
 
     def fit(self, sigma_min: float, sigma_max: float) -> str:
@@ -513,7 +513,7 @@ class CachedNegative(CFG):
     bands: bool = False
     cutoff: float = 0.25
     high_growth: float = 1.0
-    inner: Optional[CFG] = None
+    inner: CFG | None = None
     name = "Cached negative"
     caches_negatives = True
 
@@ -544,7 +544,7 @@ class CachedNegative(CFG):
     def reads_sigma(self):
         return self._rule.reads_sigma
 
-    def guidance_off(self, sigma: Optional[float], call_index: int) -> bool:
+    def guidance_off(self, sigma: float | None, call_index: int) -> bool:
         return self._rule.guidance_off(sigma, call_index)
 
     def fit(self, sigma_min: float, sigma_max: float) -> str:

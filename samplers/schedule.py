@@ -9,8 +9,8 @@ is a closed sigma interval ``[sigma_end, sigma_start]`` and the rule for "active
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 ALWAYS = (math.inf, -math.inf)
 
@@ -26,7 +26,7 @@ class SigmaWindow:
     def always(self) -> bool:
         return self.sigma_start == math.inf and self.sigma_end == -math.inf
 
-    def contains(self, sigma: Optional[float]) -> bool:
+    def contains(self, sigma: float | None) -> bool:
         """True when ``sigma`` lies in the window (``None``, an unknown sigma, only fits ALWAYS)."""
         if self.always:
             return True
@@ -67,7 +67,7 @@ class StepPlan:
     uncond: bool
     extras: tuple
     negative: str
-    reference: Optional[str]
+    reference: str | None
     reused: tuple = ()
 
     @property
@@ -94,7 +94,7 @@ class StepPlan:
 
 
 def plan_step(
-    sigma: Optional[float],
+    sigma: float | None,
     primary_window: SigmaWindow,
     extra_windows: Sequence[SigmaWindow],
     *,

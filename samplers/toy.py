@@ -17,15 +17,15 @@ k-diffusion's Euler and Heun samplers (Karras et al. 2022, Algorithms 1-2) on a 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
 
 import torch
 
 from . import engine, rules
 from .schedule import SigmaWindow
 
-COMPONENTS: Dict[str, tuple] = {
+COMPONENTS: dict[str, tuple] = {
     # name: (mean, std)
     "man": ((-1.6, 1.1), 0.45),
     "man with mustache": ((-1.6, -1.1), 0.45),
@@ -33,7 +33,7 @@ COMPONENTS: Dict[str, tuple] = {
     "cat": ((1.8, -1.4), 0.45),
 }
 
-PROMPTS: Dict[str, Dict[str, float]] = {
+PROMPTS: dict[str, dict[str, float]] = {
     "": {name: 1.0 for name in COMPONENTS},  # the empty prompt: everything
     "man": {"man": 1.0, "man with mustache": 1.0},
     "man without mustache": {"man": 1.0, "man with mustache": 3.0},  # the encoder binds man + mustache
@@ -48,7 +48,7 @@ SIGMA_MIN, SIGMA_MAX = 0.02, 20.0
 IMAGE_SIZE, IMAGE_STD = 24, 0.1
 
 
-def image_template(concept: str, size: int = IMAGE_SIZE, width: Optional[int] = None) -> torch.Tensor:
+def image_template(concept: str, size: int = IMAGE_SIZE, width: int | None = None) -> torch.Tensor:
     """A [3, size, width] toy picture in [-1, 1] for a concept: a face, the same face with a mustache,
     a face with long hair, a cat's head. Only the mustache differs between the first two."""
     width = width or size
@@ -73,7 +73,7 @@ def image_template(concept: str, size: int = IMAGE_SIZE, width: Optional[int] = 
     return img
 
 
-def mustache_band(size: int, width: Optional[int] = None) -> torch.Tensor:
+def mustache_band(size: int, width: int | None = None) -> torch.Tensor:
     """The [size, width] mask of the pixels a mustache covers (between nose and mouth)."""
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, width or size), indexing="ij")
     return (yy > 0.2) & (yy < 0.34) & (xx.abs() < 0.38)
@@ -92,7 +92,7 @@ def has_mustache(images: torch.Tensor) -> torch.Tensor:
 CONCEPTS = tuple(COMPONENTS)  # the order of the concept weights an encoded word carries
 # word -> weights over CONCEPTS. "without", "no", "not" are not words it knows: a text encoder that
 # binds "man" and "mustache" and drops the negation, as real encoders do.
-VOCABULARY: Dict[str, tuple] = {
+VOCABULARY: dict[str, tuple] = {
     "man": (1.0, 1.0, 0.0, 0.0), "men": (1.0, 1.0, 0.0, 0.0), "guy": (1.0, 1.0, 0.0, 0.0),
     "mustache": (0.0, 2.0, 0.0, 0.0), "moustache": (0.0, 2.0, 0.0, 0.0), "mustaches": (0.0, 2.0, 0.0, 0.0),
     "beard": (0.0, 2.0, 0.0, 0.0),
@@ -142,7 +142,7 @@ class Mixture:
     names: tuple = ()
 
     @classmethod
-    def for_prompt(cls, prompt: str, dtype=torch.float64, images: bool = False) -> "Mixture":
+    def for_prompt(cls, prompt: str, dtype=torch.float64, images: bool = False) -> Mixture:
         """The prompt's mixture over points in the plane, or (``images``) over the toy images."""
         if prompt not in PROMPTS:
             raise KeyError(f"unknown toy prompt {prompt!r}; known: {sorted(PROMPTS)}")
@@ -260,7 +260,7 @@ class ToyRun:
     rule: rules.CFG = field(default_factory=rules.CFG)
     primary_window: SigmaWindow = field(default_factory=SigmaWindow)
     extras: tuple = ()  # ((prompt, weight, SigmaWindow), ...)
-    unconditional: Optional[str] = None
+    unconditional: str | None = None
     branches: int = 0
     evaluations: int = 0
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -69,7 +68,7 @@ class TraceStep:
     negative: str
     extras: int
     pos: torch.Tensor
-    neg: Optional[torch.Tensor]
+    neg: torch.Tensor | None
     guided: torch.Tensor
 
 
@@ -82,8 +81,8 @@ class Trace:
     rule: str = "CFG"
     run_id: int = field(default_factory=lambda: next(_run_ids))
     steps: list = field(default_factory=list)
-    stats: Optional[torch.Tensor] = None  # [evaluations, 4], on the CPU once finished
-    fingerprint: Optional[tuple] = None
+    stats: torch.Tensor | None = None  # [evaluations, 4], on the CPU once finished
+    fingerprint: tuple | None = None
     meta: dict = field(default_factory=dict)
     _pending_stats: list = field(default_factory=list, repr=False)
 
@@ -113,7 +112,7 @@ class Trace:
             guided=preview(guided, self.preview_size, k),
         ))
 
-    def finish(self, result: Optional[torch.Tensor] = None) -> None:
+    def finish(self, result: torch.Tensor | None = None) -> None:
         """Read everything back once (the only sync of the trace) and fingerprint the run's output."""
         if self._pending_stats:
             self.stats = torch.stack(self._pending_stats).to("cpu")

@@ -11,7 +11,7 @@ SETUP_LOG="$VENV/setup.log"
 # The pack's own test tools; the host's requirements follow, less the torch family: an unpinned torch
 # pulls a CUDA build of several GB, and PyPI's torchvision only imports beside it once patched.
 TEST_REQUIREMENTS=("torch==2.13.0" "torchvision==0.28.0" "numpy>=1.25,<3" "pillow>=10" "pytest==8.*"
-  "hypothesis==6.*" "diffusers==0.35.2" "requests" "playwright==1.65.*")
+  "hypothesis==6.*" "diffusers==0.35.2" "requests" "playwright==1.65.*" "ruff==0.17.6")
 
 setup_failed() {
   echo "error: $1; the last lines of $SETUP_LOG:" >&2

@@ -14,7 +14,17 @@ from pathlib import Path
 import comfy_server
 import pytest
 from comfy_server import (  # noqa: F401  (the helpers the server tests use)
-    PACK_DIR, PROMPT_TIMEOUT, ROOT, START_TIMEOUT, finished, free_port, get, images, post, queue, server_env,
+    PACK_DIR,
+    PROMPT_TIMEOUT,
+    ROOT,
+    START_TIMEOUT,
+    finished,
+    free_port,
+    get,
+    images,
+    post,
+    queue,
+    server_env,
 )
 
 CHECKPOINT = "v1-5-pruned-emaonly.safetensors"

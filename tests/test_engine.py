@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from negative_guidance_pack.samplers import engine, rules
-from negative_guidance_pack.samplers.schedule import SigmaWindow, check_percent_window, plan_step
+from negative_guidance_pack.samplers.schedule import SigmaWindow, check_percent_window
 
 ALWAYS = SigmaWindow()
 

@@ -24,7 +24,6 @@ import types
 
 import pytest
 import torch
-
 from tests_support import cond, count_forwards, latent
 
 NAN, INF = math.nan, math.inf

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tests_support import cond, count_forwards, latent, rel_diff
 
 from negative_guidance_pack.samplers import rules

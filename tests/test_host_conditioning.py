@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests_support import random_sd15_clip
-
 from conftest import PACK
+from tests_support import random_sd15_clip
 
 
 @pytest.fixture(scope="module")

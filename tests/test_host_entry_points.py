@@ -5,7 +5,6 @@ import importlib
 
 import pytest
 import torch
-
 from tests_support import cond, count_forwards, latent, rel_diff
 
 TOL = 1e-5

@@ -7,10 +7,8 @@ import asyncio
 import importlib
 
 import pytest
-
-from tests_support import cond, latent
-
 from conftest import PACK
+from tests_support import cond, latent
 
 
 def test_a_guider_that_ignores_the_hooks_is_refused(pack_nodes, tiny_model):
@@ -96,7 +94,6 @@ def test_the_tiny_checkpoint_loads_as_sd15_and_samples(host, tmp_path):
     """The checkpoint server tests and soaks need: detected by the host's loader, samples, decodes."""
     import comfy.sd
     import torch
-
     from tests_support import write_tiny_sd15_checkpoint
 
     path = tmp_path / "tiny_sd15.safetensors"

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tests_support import count_forwards, rel_diff
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tests_support import cond, latent, make_tiny_sd15
 
 from negative_guidance_pack.samplers import rules

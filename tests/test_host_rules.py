@@ -6,7 +6,6 @@ import importlib
 
 import pytest
 import torch
-
 from tests_support import cond, count_forwards, latent, rel_diff
 
 from negative_guidance_pack.samplers import rules

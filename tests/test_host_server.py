@@ -15,8 +15,23 @@ from pathlib import Path
 
 import pytest
 from server_support import (  # noqa: F401  (the old private names, for modules that import them from here)
-    CHECKPOINT, PACK_DIR, PROMPT_TIMEOUT, ROOT, START_TIMEOUT, free_port as _free_port, get as _get, post as _post,
-    run as _run, shrink as _shrink,
+    CHECKPOINT,
+    PACK_DIR,
+    PROMPT_TIMEOUT,
+    ROOT,
+    START_TIMEOUT,
+)
+from server_support import (
+    get as _get,
+)
+from server_support import (
+    post as _post,
+)
+from server_support import (
+    run as _run,
+)
+from server_support import (
+    shrink as _shrink,
 )
 
 

@@ -15,6 +15,7 @@ interrupts one long prompt queued among them. The server is the session-scoped `
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -22,8 +23,9 @@ import numpy as np
 import pytest
 import safetensors.torch
 from PIL import Image
-from server_support import CHECKPOINT, PROMPT_TIMEOUT, finished, get, post, queue, rss_bytes, wait
+from server_support import CHECKPOINT, PROMPT_TIMEOUT, get, post, queue, rss_bytes, wait
 
+log = logging.getLogger(__name__)
 PATHS = ("sampler", "patch", "guider")
 STEPS = 3
 POLL = 0.05
@@ -220,10 +222,10 @@ def test_soak_of_fifty_prompts_with_an_interrupt_among_them(server):
     assert "execution_interrupted" in events, interrupted["status"]["messages"]
     ratio = rss[SOAK] / rss[MEASURE_AT]
     seconds = sorted(_seconds(e) for e in entries.values())
-    print(f"soak: {SOAK} prompts + 1 interrupted in {wall:.1f} s; RSS after #{MEASURE_AT} {rss[MEASURE_AT] / 2**20:.1f} "
-          f"MiB, after #{SOAK} {rss[SOAK] / 2**20:.1f} MiB, ratio {ratio:.4f}; interrupted in "
-          f"{events['execution_interrupted']['node_type']}; per prompt {seconds[0]:.2f}..{seconds[-1]:.2f} s, median "
-          f"{seconds[len(seconds) // 2]:.2f} s; RSS MiB by prompt: "
-          f"{[round(v / 2**20) for v in rss.values()]}")
+    log.info(f"soak: {SOAK} prompts + 1 interrupted in {wall:.1f} s; RSS after #{MEASURE_AT} {rss[MEASURE_AT] / 2**20:.1f} "
+             f"MiB, after #{SOAK} {rss[SOAK] / 2**20:.1f} MiB, ratio {ratio:.4f}; interrupted in "
+             f"{events['execution_interrupted']['node_type']}; per prompt {seconds[0]:.2f}..{seconds[-1]:.2f} s, median "
+             f"{seconds[len(seconds) // 2]:.2f} s; RSS MiB by prompt: "
+             f"{[round(v / 2**20) for v in rss.values()]}")
     assert ratio <= 1.05, (f"server RSS grew {100 * (ratio - 1):.1f}% from prompt {MEASURE_AT} to {SOAK}: "
                            f"{[round(v / 2**20) for v in rss.values()]} MiB")

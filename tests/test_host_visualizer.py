@@ -5,7 +5,6 @@ import importlib
 
 import pytest
 import torch
-
 from tests_support import cond, latent, rel_diff
 
 

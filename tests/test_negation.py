@@ -3,7 +3,6 @@ its properties on any text; and linear time against a slow reference tokenizer."
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 from hypothesis import given, settings

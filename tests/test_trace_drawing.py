@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from negative_guidance_pack.nodes import drawing
-from negative_guidance_pack.samplers import rules, trace as tr
+from negative_guidance_pack.samplers import rules
+from negative_guidance_pack.samplers import trace as tr
 
 SD15_RGB = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]]
 

@@ -5,5 +5,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from tiny import (  # noqa: E402,F401
-    UNET_CONFIG, cond, count_forwards, latent, make_tiny_sd15, random_sd15_clip, rel_diff, write_tiny_sd15_checkpoint,
+    UNET_CONFIG,
+    cond,
+    count_forwards,
+    latent,
+    make_tiny_sd15,
+    random_sd15_clip,
+    rel_diff,
+    write_tiny_sd15_checkpoint,
 )
