@@ -18,14 +18,14 @@ primary negative's prediction (usually the empty or general-purpose negative pro
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from . import rules
-from .schedule import SigmaWindow, StepPlan, plan_step
+from .checks import number
+from .schedule import Role, SigmaWindow, StepPlan, plan_step
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,7 @@ class ExtraNegative:
     window: SigmaWindow = field(default_factory=SigmaWindow)
 
     def __post_init__(self):
-        if not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
-            raise ValueError(f"extra negative weight must be a finite number, got {self.weight!r}")
+        number("weight", self.weight, owner="extra negative")
 
 
 @dataclass(frozen=True)
@@ -48,9 +47,9 @@ class GuidanceSpec:
     """Everything about the negatives of one sampling run that does not change between steps."""
 
     primary_window: SigmaWindow = field(default_factory=SigmaWindow)
-    extras: tuple = ()
+    extras: tuple[ExtraNegative, ...] = ()
     has_uncond: bool = False
-    rule: rules.CFG = field(default_factory=rules.CFG)
+    rule: rules.Rule = field(default_factory=rules.CFG)
     flow: bool = False  # the model is a flow-matching one (rules that leave denoised space need to know)
 
     def __post_init__(self):
@@ -66,15 +65,6 @@ class GuidanceSpec:
             or any(not e.window.always for e in self.extras if e.weight != 0.0)
         )
 
-    @property
-    def is_plain_cfg(self) -> bool:
-        """True when the spec adds nothing to the host's CFG (no extras, no window, no fallback)."""
-        return (
-            not any(e.weight != 0.0 for e in self.extras)
-            and self.primary_window.always
-            and type(self.rule) is rules.CFG
-        )
-
     def plan(
         self,
         sigma: float | None,
@@ -83,7 +73,7 @@ class GuidanceSpec:
         primary_term_needed: bool = True,
         keep_primary: bool = False,
         call_index: int = 0,
-        state=None,
+        state: rules.RunState = None,
     ) -> StepPlan:
         """The step's plan; ``call_index`` counts model evaluations since the run started. With a
         cached negative (and its run ``state``), the branches it can rebuild are marked reused."""
@@ -99,20 +89,20 @@ class GuidanceSpec:
             primary_term_needed=primary_term_needed,
             keep_primary=keep_primary,
         )
-        if not getattr(self.rule, "caches_negatives", False) or state is None:
+        if not self.rule.caches_negatives or state is None:
             return plan
         state["now"] = call_index
         if not self.rule.reuses(call_index):
             return plan
         return dataclasses.replace(plan, reused=tuple(k for k in plan.needed if k in state["diff"]))
 
-    def complete(self, plan: StepPlan, state, pos: torch.Tensor, sigma: torch.Tensor, primary=None, uncond=None,
+    def complete(self, plan: StepPlan, state: rules.RunState, pos: torch.Tensor, sigma: torch.Tensor, primary=None, uncond=None,
                  extras: Sequence[torch.Tensor] = ()) -> tuple:
         """The predictions a step's combine needs, from those the model made (``extras`` for
         ``plan.predict_extras``): a cached negative rebuilds the reused ones and remembers the rest.
         Returns ``(primary, uncond, extras)``, the extras for ``plan.extras``."""
         made = dict(zip(plan.predict_extras, extras))
-        if not getattr(self.rule, "caches_negatives", False) or state is None:
+        if not self.rule.caches_negatives or state is None:
             return primary, uncond, [made[i] for i in plan.extras]
         rule = self.rule
         values = {"primary": primary, "uncond": uncond, **made}
@@ -124,7 +114,7 @@ class GuidanceSpec:
         return values.get("primary"), values.get("uncond"), [values[i] for i in plan.extras]
 
 
-def _pick(role: str | None, pos, primary, uncond) -> torch.Tensor:
+def _pick(role: Role | None, pos, primary, uncond) -> torch.Tensor:
     chosen = {"primary": primary, "uncond": uncond, "positive": pos}[role]
     if chosen is None:
         raise ValueError(f"the step plan uses the {role} prediction but it was not computed")
@@ -150,7 +140,7 @@ def negative_for(plan: StepPlan, pos, primary=None, uncond=None) -> torch.Tensor
 def combine_step(
     spec: GuidanceSpec,
     plan: StepPlan,
-    state,
+    state: rules.RunState,
     *,
     scale: float,
     pos: torch.Tensor,

@@ -20,11 +20,12 @@ attention function is passed in as ``attend(q, k, v, mask)``, so whatever comput
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from .checks import number
 
 NORMS = {"L1": 1, "L2": 2}
 EPS = 1e-6  # norms are clamped here, as in the reference port
@@ -62,13 +63,9 @@ LIMITS = {"scale": (1.0, 100.0), "tau": (1.0, 100.0), "alpha": (0.0, 1.0)}
 
 
 def check_parameters(scale: float, tau: float, alpha: float) -> None:
-    """Raise ``ValueError`` naming the first parameter out of range."""
+    """Raise ``ParameterError`` naming the first parameter out of range."""
     for name, value in (("scale", scale), ("tau", tau), ("alpha", alpha)):
-        low, high = LIMITS[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if not low <= value <= high:
-            raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
+        number(name, value, *LIMITS[name])
 
 
 # ---------------------------------------------------------------------------- token layouts

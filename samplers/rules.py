@@ -9,11 +9,15 @@ paper defines another; then the conversion is explicit (``to_noise``, ``to_v``).
 """
 from __future__ import annotations
 
-import math
+import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar, Literal, TypedDict
 
 import torch
+
+from .checks import ParameterError, number
+from .schedule import Branch, Role
 
 TINY = 1e-12
 
@@ -280,44 +284,92 @@ class StepInputs:
     extra_weights: Sequence[float] = ()
     reference: torch.Tensor | None = None
     sample_sigmas: torch.Tensor | None = None
-    negative_role: str = "primary"
+    negative_role: Role = "primary"
     flow: bool = False  # a flow-matching model (SD3, Flux, Wan): x = (1 - sigma) x0 + sigma noise
 
 
-def _finite(name: str, value: float, low: float = -math.inf, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
-    return float(value)
+Fit = Literal["ok", "never", "everywhere"]
+"""How a rule's sigma thresholds meet a model's sigma range (see ``Rule.fit``)."""
+
+
+class APGState(TypedDict):
+    """APG's momentum over one run: the last (momentum-updated) guidance difference."""
+
+    running: torch.Tensor | None
+
+
+class DynamicState(TypedDict):
+    """Dynamic negative guidance over one run: the per-sample posterior and the last step's inputs."""
+
+    p: torch.Tensor | None
+    prev: tuple | None
+
+
+class CacheState(TypedDict):
+    """A cached negative over one run: the inner rule's state, each branch's cached noise-space
+    difference (``diff``, a tensor or a (low, high) pair), the evaluation it was cached at (``at``) and
+    the current evaluation (``now``)."""
+
+    inner: RunState
+    diff: dict
+    at: dict
+    now: int
+
+
+RunState = APGState | DynamicState | CacheState | None
+"""What a rule keeps between the steps of one run; made by ``Rule.new_state()``, never kept on the rule."""
 
 
 @dataclass(frozen=True, kw_only=True)
-class CFG:
-    """Plain CFG with Composable-Diffusion NOT terms for extra negatives (the default rule)."""
+class Rule(abc.ABC):
+    """What every combine rule tells the engine, and its combine.
 
-    name = "CFG"
-    needs_uncond = False
-    reads_sigma = False
-    owns_combine = False
+    Class attributes say what the step plan needs: ``needs_uncond`` (an unconditional branch on every
+    guided step), ``reads_sigma`` (decisions depend on the step's sigma), ``owns_combine`` (the rule
+    replaces the CFG term, so it cannot share it with another node's cfg function) and
+    ``caches_negatives`` (it rebuilds branches instead of predicting them: see ``CachedNegative``).
+    """
 
-    def new_state(self):
+    name: ClassVar[str]
+    needs_uncond: ClassVar[bool] = False
+    reads_sigma: ClassVar[bool] = False
+    owns_combine: ClassVar[bool] = False
+    caches_negatives: ClassVar[bool] = False
+
+    def new_state(self) -> RunState:
         return None
 
     def guidance_off(self, sigma: float | None, call_index: int) -> bool:
+        """Whether this model evaluation predicts the positive alone."""
         return False
 
-    def fit(self, sigma_min: float, sigma_max: float) -> str:
+    def fit(self, sigma_min: float, sigma_max: float) -> Fit:
         """How the rule's sigma thresholds meet a model's sigma range: "ok", "never" (guidance off at every
         sigma of the model) or "everywhere" (the rule's skipping covers the whole range)."""
         return "ok"
 
-    def combine(self, s: StepInputs, state) -> torch.Tensor:
-        return composable_not(cfg(s.pos, s.neg, s.scale), s.extras, s.extra_weights, s.reference)
+    @abc.abstractmethod
+    def combine(self, s: StepInputs, state: RunState) -> torch.Tensor:
+        """The guided prediction of one step (denoised space)."""
+
+
+def plain_combine(s: StepInputs) -> torch.Tensor:
+    """CFG on the main pair, then Composable Diffusion's NOT terms for the extra negatives."""
+    return composable_not(cfg(s.pos, s.neg, s.scale), s.extras, s.extra_weights, s.reference)
 
 
 @dataclass(frozen=True, kw_only=True)
-class PerpNeg(CFG):
+class CFG(Rule):
+    """Plain CFG with Composable-Diffusion NOT terms for extra negatives (the default rule)."""
+
+    name = "CFG"
+
+    def combine(self, s: StepInputs, state: RunState) -> torch.Tensor:
+        return plain_combine(s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerpNeg(Rule):
     """Perp-Neg (Armandpour et al. 2023). Needs the unconditional branch (the ``unconditional``
     input, an empty prompt); the main negative's weight is ``cfg * neg_scale`` as in ComfyUI's
     PerpNegGuider, each extra negative's its own weight."""
@@ -328,16 +380,16 @@ class PerpNeg(CFG):
     owns_combine = True
 
     def __post_init__(self):
-        _finite("neg_scale", self.neg_scale, 0.0, 100.0)
+        number("neg_scale", self.neg_scale, 0.0, 100.0)
 
-    def combine(self, s: StepInputs, state) -> torch.Tensor:
+    def combine(self, s: StepInputs, state: RunState) -> torch.Tensor:
         negatives = [s.neg, *s.extras]
         weights = [s.scale * self.neg_scale, *s.extra_weights]
         return perp_neg(s.pos, s.uncond, negatives, weights, s.scale)
 
 
 @dataclass(frozen=True, kw_only=True)
-class APG(CFG):
+class APG(Rule):
     """Adaptive Projected Guidance (Sadat et al. 2024) on the main pair; extras add NOT terms.
 
     Defaults follow the paper: eta = 0 (drop the parallel part), momentum beta = -0.5, and the
@@ -351,21 +403,21 @@ class APG(CFG):
     owns_combine = True
 
     def __post_init__(self):
-        _finite("eta", self.eta, -10.0, 10.0)
-        _finite("norm_threshold", self.norm_threshold, 0.0, 1000.0)
-        _finite("momentum", self.momentum, -1.0, 1.0)
+        number("eta", self.eta, -10.0, 10.0)
+        number("norm_threshold", self.norm_threshold, 0.0, 1000.0)
+        number("momentum", self.momentum, -1.0, 1.0)
 
-    def new_state(self):
+    def new_state(self) -> APGState:
         return {"running": None}
 
-    def combine(self, s: StepInputs, state) -> torch.Tensor:
+    def combine(self, s: StepInputs, state: APGState) -> torch.Tensor:
         guided, state["running"] = apg(s.pos, s.neg, s.scale, self.eta, self.norm_threshold, self.momentum,
                                        state["running"])
         return composable_not(guided, s.extras, s.extra_weights, s.reference)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Rescale(CFG):
+class Rescale(Rule):
     """CFG rescale (Lin et al. 2023), phi = 0.7 as the paper recommends, in the space of a model's prediction.
 
     v-prediction space for the eps and v families, as ComfyUI's RescaleCFG computes it; the
@@ -377,10 +429,10 @@ class Rescale(CFG):
     owns_combine = True
 
     def __post_init__(self):
-        _finite("phi", self.phi, 0.0, 1.0)
+        number("phi", self.phi, 0.0, 1.0)
 
-    def combine(self, s: StepInputs, state) -> torch.Tensor:
-        guided = CFG.combine(self, s, state)
+    def combine(self, s: StepInputs, state: RunState) -> torch.Tensor:
+        guided = plain_combine(s)
         if s.flow:  # the model's own prediction, the velocity, is (x - D) / sigma; std ratios ignore the 1/sigma
             return s.x - rescale(to_noise(s.x, guided), to_noise(s.x, s.pos), self.phi)
         v = rescale(to_v(s.x, guided, s.sigma), to_v(s.x, s.pos, s.sigma), self.phi)
@@ -388,7 +440,7 @@ class Rescale(CFG):
 
 
 @dataclass(frozen=True, kw_only=True)
-class CFGZeroStar(CFG):
+class CFGZeroStar(Rule):
     """CFG-Zero* (Fan et al. 2025): optimised scale in the noise direction ``x - D`` and zero-init.
 
     The first ``zero_init_steps`` steps of the schedule return ``D = x`` (zero velocity: the
@@ -400,10 +452,9 @@ class CFGZeroStar(CFG):
     owns_combine = True
 
     def __post_init__(self):
-        if isinstance(self.zero_init_steps, bool) or not isinstance(self.zero_init_steps, int) or not 0 <= self.zero_init_steps <= 1000:
-            raise ValueError(f"zero_init_steps must be a whole number in [0, 1000], got {self.zero_init_steps!r}")
+        number("zero_init_steps", self.zero_init_steps, 0, 1000, whole=True)
 
-    def combine(self, s: StepInputs, state) -> torch.Tensor:
+    def combine(self, s: StepInputs, state: RunState) -> torch.Tensor:
         noise = cfg_zero_star(to_noise(s.x, s.pos), to_noise(s.x, s.neg), s.scale)
         guided = composable_not(s.x - noise, s.extras, s.extra_weights, s.reference)
         if self.zero_init_steps == 0 or s.sample_sigmas is None or len(s.sample_sigmas) < 2:
@@ -414,14 +465,13 @@ class CFGZeroStar(CFG):
 
 
 @dataclass(frozen=True, kw_only=True)
-class _Skipping(CFG):
-    """A rule that turns guidance off on some steps and leaves the combine to ``inner``."""
+class _Wrapping(Rule):
+    """A rule around an ``inner`` one (plain CFG if none), which does the combine and keeps its state."""
 
-    inner: CFG | None = None
-    reads_sigma = True
+    inner: Rule | None = None
 
     @property
-    def _rule(self) -> CFG:
+    def _rule(self) -> Rule:
         return self.inner if self.inner is not None else CFG()
 
     @property
@@ -432,17 +482,27 @@ class _Skipping(CFG):
     def owns_combine(self):
         return self._rule.owns_combine
 
-    def new_state(self):
+    def new_state(self) -> RunState:
         return self._rule.new_state()
 
-    def combine(self, s: StepInputs, state) -> torch.Tensor:
+    def combine(self, s: StepInputs, state: RunState) -> torch.Tensor:
         return self._rule.combine(s, state)
 
 
-def _check_inner(inner) -> None:
-    if getattr(inner, "caches_negatives", False):
-        raise ValueError("inner must not be a cached negative: connect the skipping rule into the cached "
-                         "negative's rule input instead, so the cache sees every evaluation")
+def _check_inner(inner: Rule | None, why: str) -> None:
+    if inner is not None and inner.caches_negatives:
+        raise ParameterError("inner", why)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Skipping(_Wrapping):
+    """A rule that turns guidance off on some steps and leaves the combine to ``inner``."""
+
+    reads_sigma = True
+
+    def __post_init__(self):
+        _check_inner(self.inner, "must not be a cached negative: connect the skipping rule into the cached "
+                     "negative's rule input instead, so the cache sees every evaluation")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -456,15 +516,15 @@ class MinSigma(_Skipping):
     name = "Negative guidance minimum sigma"
 
     def __post_init__(self):
-        _finite("min_sigma", self.min_sigma, 0.0, 1e4)
-        _check_inner(self.inner)
+        number("min_sigma", self.min_sigma, 0.0, 1e4)
+        super().__post_init__()
 
     def guidance_off(self, sigma: float | None, call_index: int) -> bool:
         if self.min_sigma <= 0.0 or sigma is None or not sigma < self.min_sigma:
             return False
         return self.all_steps or call_index % 2 == 1
 
-    def fit(self, sigma_min: float, sigma_max: float) -> str:
+    def fit(self, sigma_min: float, sigma_max: float) -> Fit:
         if self.min_sigma <= 0.0 or self.min_sigma < sigma_max:
             return "ok"
         return "never" if self.all_steps else "everywhere"
@@ -480,21 +540,21 @@ class GuidanceInterval(_Skipping):
     name = "Guidance interval"
 
     def __post_init__(self):
-        _finite("sigma_low", self.sigma_low, 0.0, 1e4)
-        _finite("sigma_high", self.sigma_high, 0.0, 1e4)
-        _check_inner(self.inner)
+        number("sigma_low", self.sigma_low, 0.0, 1e4)
+        number("sigma_high", self.sigma_high, 0.0, 1e4)
+        super().__post_init__()
         if self.sigma_low >= self.sigma_high:
-            raise ValueError(f"sigma_low ({self.sigma_low}) must be below sigma_high ({self.sigma_high})")
+            raise ParameterError("sigma_low", f"must be below sigma_high ({self.sigma_high})", repr(self.sigma_low))
 
     def guidance_off(self, sigma: float | None, call_index: int) -> bool:
         return sigma is not None and not (self.sigma_low < sigma <= self.sigma_high)
 
-    def fit(self, sigma_min: float, sigma_max: float) -> str:
+    def fit(self, sigma_min: float, sigma_max: float) -> Fit:
         return "never" if self.sigma_high < sigma_min or self.sigma_low >= sigma_max else "ok"
 
 
 @dataclass(frozen=True, kw_only=True)
-class CachedNegative(CFG):
+class CachedNegative(_Wrapping):
     """A cached negative (the CFG-cache of FasterCache, Lv et al. 2024): the negative branches are
     predicted on every ``every``-th model evaluation only (after ``full_start`` evaluations that all
     predict them); in between the positive alone is predicted and each negative is rebuilt from its
@@ -513,32 +573,16 @@ class CachedNegative(CFG):
     bands: bool = False
     cutoff: float = 0.25
     high_growth: float = 1.0
-    inner: CFG | None = None
     name = "Cached negative"
     caches_negatives = True
 
     def __post_init__(self):
-        for name in ("every", "full_start"):
-            value, low = getattr(self, name), 1 if name == "every" else 0
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 1000:
-                raise ValueError(f"{name} must be a whole number in [{low}, 1000], got {value!r}")
-        _finite("growth", self.growth, 0.0, 10.0)
-        _finite("cutoff", self.cutoff, 0.0, 1.0)
-        _finite("high_growth", self.high_growth, 0.0, 10.0)
-        if getattr(self.inner, "caches_negatives", False):
-            raise ValueError("inner must not be another cached negative")
-
-    @property
-    def _rule(self) -> CFG:
-        return self.inner if self.inner is not None else CFG()
-
-    @property
-    def needs_uncond(self):
-        return self._rule.needs_uncond
-
-    @property
-    def owns_combine(self):
-        return self._rule.owns_combine
+        number("every", self.every, 1, 1000, whole=True)
+        number("full_start", self.full_start, 0, 1000, whole=True)
+        number("growth", self.growth, 0.0, 10.0)
+        number("cutoff", self.cutoff, 0.0, 1.0)
+        number("high_growth", self.high_growth, 0.0, 10.0)
+        _check_inner(self.inner, "must not be another cached negative")
 
     @property
     def reads_sigma(self):
@@ -547,26 +591,27 @@ class CachedNegative(CFG):
     def guidance_off(self, sigma: float | None, call_index: int) -> bool:
         return self._rule.guidance_off(sigma, call_index)
 
-    def fit(self, sigma_min: float, sigma_max: float) -> str:
+    def fit(self, sigma_min: float, sigma_max: float) -> Fit:
         return self._rule.fit(sigma_min, sigma_max)
 
     def reuses(self, call_index: int) -> bool:
         """Whether this model evaluation rebuilds the negatives instead of predicting them."""
         return self.every > 1 and call_index >= self.full_start and (call_index - self.full_start) % self.every != 0
 
-    def new_state(self):
+    def new_state(self) -> CacheState:
         return {"inner": self._rule.new_state(), "diff": {}, "at": {}, "now": 0}
 
-    def combine(self, s: StepInputs, state) -> torch.Tensor:
+    def combine(self, s: StepInputs, state: CacheState) -> torch.Tensor:
         return self._rule.combine(s, state["inner"])
 
-    def remember(self, state, key, pos: torch.Tensor, branch: torch.Tensor, sigma: torch.Tensor) -> None:
+    def remember(self, state: CacheState, key: Branch, pos: torch.Tensor, branch: torch.Tensor,
+                 sigma: torch.Tensor) -> None:
         """Keep a predicted branch's noise-space difference to the positive."""
         diff = (up(pos) - up(branch)) / _per_sample(up(sigma), up(pos))
         state["diff"][key] = split_bands(diff, self.cutoff) if self.bands else diff
         state["at"][key] = state["now"]
 
-    def rebuild(self, state, key, pos: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def rebuild(self, state: CacheState, key: Branch, pos: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """A branch from the positive and its cached difference: ``D = D_pos - sigma * growth^j * d``."""
         since = state["now"] - state["at"][key]
         cached = state["diff"][key]
@@ -591,7 +636,7 @@ def split_bands(t: torch.Tensor, cutoff: float) -> tuple:
 
 
 @dataclass(frozen=True, kw_only=True)
-class DynamicNegative(CFG):
+class DynamicNegative(Rule):
     """Dynamic Negative Guidance (Koulischer et al., ICLR 2025) with a positive prompt.
 
     The paper removes a class from an *unconditional* model: the base prediction is the
@@ -615,19 +660,19 @@ class DynamicNegative(CFG):
     owns_combine = True
 
     def __post_init__(self):
-        _finite("scale", self.scale, 0.0, 1000.0)
-        _finite("temperature", self.temperature, 0.0, 100.0)
-        _finite("offset", self.offset, -1e3, 1e3)
-        _finite("p_min", self.p_min, 0.0, 1.0)
-        _finite("p_max", self.p_max, 0.0, 0.999999)
+        number("scale", self.scale, 0.0, 1000.0)
+        number("temperature", self.temperature, 0.0, 100.0)
+        number("offset", self.offset, -1e3, 1e3)
+        number("p_min", self.p_min, 0.0, 1.0)
+        number("p_max", self.p_max, 0.0, 0.999999)
         if self.p_min > self.p_max:  # before prior, whose range they make
-            raise ValueError(f"p_min ({self.p_min}) must not exceed p_max ({self.p_max})")
-        _finite("prior", self.prior, self.p_min, self.p_max)
+            raise ParameterError("p_min", f"must not exceed p_max ({self.p_max})", repr(self.p_min))
+        number("prior", self.prior, self.p_min, self.p_max)
 
-    def new_state(self):
+    def new_state(self) -> DynamicState:
         return {"p": None, "prev": None}
 
-    def combine(self, s: StepInputs, state) -> torch.Tensor:
+    def combine(self, s: StepInputs, state: DynamicState) -> torch.Tensor:
         base = cfg(s.pos, s.uncond, s.scale)
         if s.negative_role != "primary":
             state["prev"] = None

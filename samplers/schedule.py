@@ -11,8 +11,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-ALWAYS = (math.inf, -math.inf)
+from .checks import ParameterError, number
+
+Role = Literal["primary", "uncond", "positive"]
+"""Which prediction plays the primary negative (or the extra negatives' reference) at a step: the
+sampler's negative, the unconditional branch, or the positive itself (no guidance from that term)."""
+ROLES = get_args(Role)
+Branch = Literal["primary", "uncond"] | int
+"""A branch besides the positive: the primary negative, the unconditional one, or an extra's index."""
 
 
 @dataclass(frozen=True)
@@ -27,7 +35,7 @@ class SigmaWindow:
         return self.sigma_start == math.inf and self.sigma_end == -math.inf
 
     def contains(self, sigma: float | None) -> bool:
-        """True when ``sigma`` lies in the window (``None``, an unknown sigma, only fits ALWAYS)."""
+        """True when ``sigma`` lies in the window (``None``, an unknown sigma, only fits the whole schedule)."""
         if self.always:
             return True
         if sigma is None:
@@ -35,15 +43,16 @@ class SigmaWindow:
         return not (sigma > self.sigma_start or sigma < self.sigma_end)
 
 
-def check_percent_window(start_percent: float, end_percent: float, what: str) -> None:
-    """Raise ``ValueError`` naming ``what`` unless ``0 <= start <= end <= 1`` and both are finite."""
+def check_percent_window(start_percent: float, end_percent: float, what: str | None = None, prefix: str = "") -> None:
+    """Raise ``ParameterError`` unless ``0 <= start <= end <= 1``, both finite; names are ``prefix`` +
+    ``start_percent``/``end_percent``, and ``what`` (optional) says whose window it is."""
     for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"{what}: {name} must be a finite number in [0, 1], got {value!r}")
+        number(prefix + name, value, 0, 1, hint=" (a fraction of the schedule)", owner=what)
     if start_percent > end_percent:
-        raise ValueError(
-            f"{what}: start_percent ({start_percent}) is after end_percent ({end_percent}); "
-            "the window runs from start (0 = first step) to end (1 = last step)"
+        raise ParameterError(
+            prefix + "start_percent",
+            f"must not be after {prefix}end_percent ({end_percent}): the window runs from start (0 = first step) "
+            "to end (1 = last step)", repr(start_percent), what,
         )
 
 
@@ -65,10 +74,14 @@ class StepPlan:
 
     primary: bool
     uncond: bool
-    extras: tuple
-    negative: str
-    reference: str | None
-    reused: tuple = ()
+    extras: tuple[int, ...]
+    negative: Role
+    reference: Role | None
+    reused: tuple[Branch, ...] = ()
+
+    def __post_init__(self):
+        if self.negative not in ROLES or (self.reference is not None and self.reference not in ROLES):
+            raise ValueError(f"a step plan's roles are {ROLES}, got {self.negative!r} and {self.reference!r}")
 
     @property
     def needed(self) -> tuple:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checks import number
+
 STATS = ("pos_norm", "neg_norm", "cosine", "neg_share")
 _run_ids = itertools.count(1)
 
@@ -87,10 +89,8 @@ class Trace:
     _pending_stats: list = field(default_factory=list, repr=False)
 
     def __post_init__(self):
-        if not isinstance(self.preview_size, int) or not 4 <= self.preview_size <= 1024:
-            raise ValueError(f"preview_size must be a whole number in [4, 1024], got {self.preview_size!r}")
-        if not isinstance(self.keep, int) or not 1 <= self.keep <= 64:
-            raise ValueError(f"keep must be a whole number in [1, 64], got {self.keep!r}")
+        number("preview_size", self.preview_size, 4, 1024, whole=True)
+        number("keep", self.keep, 1, 64, whole=True)
 
     def reset(self, rule: str = "CFG") -> None:
         """Start a new run: a new id, nothing recorded (a guider sampled twice records its last run)."""
