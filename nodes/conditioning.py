@@ -19,7 +19,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..samplers import condiff, negation
-from . import _host
+from .validation import InputError, check_choice, check_number, check_same_width
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def _token_tensor(conditioning, node: str, name: str) -> None:
     """Every entry's tensor must be [batch, tokens, width]."""
     for i, (tensor, _) in enumerate(conditioning):
         if tensor.ndim != 3:
-            raise _host.InputError(node, name, f"entry {i} must carry token embeddings of shape [batch, tokens, width]",
+            raise InputError(node, name, f"entry {i} must carry token embeddings of shape [batch, tokens, width]",
                                    list(tensor.shape))
 
 
@@ -41,35 +41,34 @@ def _check_pair(node: str, i: int, ta, da: dict, tb, db: dict) -> None:
     """Token counts the host can align, batch sizes that broadcast, pooled vectors of one width."""
     na, nb = int(ta.shape[1]), int(tb.shape[1])
     if condiff.repeat_factors(na, nb) is None:
-        raise _host.InputError(
+        raise InputError(
             node, "b",
             f"(entry {i}) has {nb} tokens where 'a' has {na}: aligning them repeats the shorter up to their least "
             f"common multiple, and the host refuses a repeat factor above {condiff.MAX_REPEAT} "
             "(comfy/conds.py CONDCrossAttn.can_concat); use prompts of 75-word chunks of equal count", nb,
         )
     if int(tb.shape[0]) not in (1, int(ta.shape[0])):
-        raise _host.InputError(node, "b", f"(entry {i}) must have the batch size of 'a' ({int(ta.shape[0])}) or 1",
+        raise InputError(node, "b", f"(entry {i}) must have the batch size of 'a' ({int(ta.shape[0])}) or 1",
                                int(tb.shape[0]))
     pa, pb = condiff.pooled_of(da), condiff.pooled_of(db)
     if pa is not None and pb is not None:
         if pa.ndim != 2 or pb.ndim != 2 or pa.shape[-1] != pb.shape[-1]:
-            raise _host.InputError(node, "b", f"(entry {i}) must have a pooled_output of the shape of a's "
+            raise InputError(node, "b", f"(entry {i}) must have a pooled_output of the shape of a's "
                                    f"{list(pa.shape)}; they come from different text encoders", list(pb.shape))
         if int(pb.shape[0]) not in (1, int(pa.shape[0])):
-            raise _host.InputError(node, "b", f"(entry {i}) must have a pooled_output batch of 1 or {int(pa.shape[0])}",
+            raise InputError(node, "b", f"(entry {i}) must have a pooled_output batch of 1 or {int(pa.shape[0])}",
                                    int(pb.shape[0]))
 
 
 def validate_diff(node: str, a, b, mode: str, scale: float) -> float:
     """All checks of ConditioningDiff, before any tensor work; returns the scale as a float."""
-    _host.check_same_width(node, a, "a", b, "b")
+    check_same_width(node, a, "a", b, "b")
     _token_tensor(a, node, "a")
     _token_tensor(b, node, "b")
-    if mode not in condiff.MODES:
-        raise _host.InputError(node, "mode", f"must be one of {', '.join(condiff.MODES)}", repr(mode))
-    scale = _host.check_finite(node, "scale", scale)
+    check_choice(node, "mode", mode, condiff.MODES)
+    scale = check_number(node, "scale", scale)
     if len(b) not in (1, len(a)):
-        raise _host.InputError(
+        raise InputError(
             node, "b", f"must have one entry or as many as 'a' ({len(a)}): the diff is taken entry by entry", len(b))
     for i, (ta, da) in enumerate(a):
         tb, db = b[i] if len(b) > 1 else b[0]
@@ -151,9 +150,9 @@ EXTRA_TOOLTIP = "Optional negative text appended after the moved phrases (e.g. '
 def split_text(node: str, text, extra_negative) -> negation.Split:
     """Check the strings and split; the extra negative text goes after the moved phrases."""
     if not isinstance(text, str):
-        raise _host.InputError(node, "text", "must be a string", type(text).__name__)
+        raise InputError(node, "text", "must be a string", type(text).__name__)
     if not isinstance(extra_negative, str):
-        raise _host.InputError(node, "extra_negative", "must be a string", type(extra_negative).__name__)
+        raise InputError(node, "extra_negative", "must be a string", type(extra_negative).__name__)
     split = negation.split_negations(text, check=comfy.model_management.throw_exception_if_processing_interrupted)
     negative = negation.merge_negative(split.negative, extra_negative)
     if split.changed:
@@ -221,7 +220,7 @@ class NegationSplitterEncode(io.ComfyNode):
     def execute(cls, text, clip, extra_negative="") -> io.NodeOutput:
         node = "NegationSplitterEncode"
         if clip is None or not hasattr(clip, "tokenize") or not hasattr(clip, "encode_from_tokens_scheduled"):
-            raise _host.InputError(node, "clip", "must be a CLIP model; a checkpoint without a text encoder gives none",
+            raise InputError(node, "clip", "must be a CLIP model; a checkpoint without a text encoder gives none",
                                    type(clip).__name__)
         split = split_text(node, text, extra_negative)
         return io.NodeOutput(encode(clip, split.positive), encode(clip, split.negative), split.positive, split.negative)

@@ -5,8 +5,8 @@
 - ``NegativeGuidanceSampler``: KSampler's inputs, then the pack's; returns a LATENT;
 - ``WeightedNegative``: adds one conditioning, with a weight and a step window, to a chain.
 
-Each is thin glue: validate, build a ``GuidanceRequest``, let ``_host.apply_guidance`` patch a
-clone of the model.
+Each is thin glue: validate (``validation``, ``model_fit``), build a ``GuidanceRequest``
+(``request``), let ``hooks.apply_guidance`` patch a clone of the model.
 """
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..samplers.trace import Trace
-from . import _host
+from .hooks import apply_guidance
+from .model_fit import check_latent, check_prompts_fit_model
+from .request import NegativeEntry, build_request, check_entry
+from .validation import check_chain, check_choice, check_model, check_number
 
 CATEGORY = "sampling/negative_guidance"
 
@@ -73,25 +76,6 @@ def guidance_inputs() -> list:
     ]
 
 
-def build_request(node: str, negatives=None, negative_start_percent=0.0, negative_end_percent=1.0,
-                  unconditional=None, positive=None, negative=None, rule=None, trace=None) -> _host.GuidanceRequest:
-    """Validate the shared inputs and turn them into a request; nothing is mutated."""
-    if negatives is not None and not isinstance(negatives, (list, tuple)):
-        raise _host.InputError(node, "negatives", "must be a chain made by the Weighted Negative node",
-                               type(negatives).__name__)
-    request = _host.GuidanceRequest(
-        node=node,
-        extras=tuple(negatives or ()),
-        negative_start_percent=negative_start_percent,
-        negative_end_percent=negative_end_percent,
-        unconditional=unconditional,
-        rule=rule,
-        trace=trace,
-    )
-    _host.validate_request(request, positive=positive, negative=negative)
-    return request
-
-
 class WeightedNegative(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -119,18 +103,10 @@ class WeightedNegative(io.ComfyNode):
     @classmethod
     def execute(cls, conditioning, weight, start_percent, end_percent, negatives=None) -> io.NodeOutput:
         node = "WeightedNegative"
-        _host.conditioning_width(conditioning, node, "conditioning")
-        weight = _host.check_finite(node, "weight", weight)
-        _host.check_window(node, start_percent, end_percent)
-        if negatives is not None and not isinstance(negatives, (list, tuple)):
-            raise _host.InputError(node, "negatives", "must be a chain made by the Weighted Negative node",
-                                   type(negatives).__name__)
-        for link in negatives or ():
-            if not isinstance(link, _host.NegativeEntry):
-                raise _host.InputError(node, "negatives", "must be a chain made by the Weighted Negative node",
-                                       type(link).__name__)
-        entry = _host.NegativeEntry(list(conditioning), weight, float(start_percent), float(end_percent))
-        return io.NodeOutput(tuple(negatives or ()) + (entry,))
+        check_entry(node, conditioning, weight, start_percent, end_percent)
+        chain = check_chain(node, negatives, NegativeEntry)
+        entry = NegativeEntry(list(conditioning), float(weight), float(start_percent), float(end_percent))
+        return io.NodeOutput(chain + (entry,))
 
 
 class NegativeGuidance(io.ComfyNode):
@@ -151,10 +127,10 @@ class NegativeGuidance(io.ComfyNode):
     @classmethod
     def execute(cls, model, negative_start_percent, negative_end_percent, negatives=None,
                 unconditional=None, rule=None) -> io.NodeOutput:
-        _host.check_model("NegativeGuidance", model)
+        check_model("NegativeGuidance", model)
         request = build_request("NegativeGuidance", negatives, negative_start_percent, negative_end_percent,
                                 unconditional, rule=rule)
-        return io.NodeOutput(_host.apply_guidance(model, request))
+        return io.NodeOutput(apply_guidance(model, request))
 
 
 class NegativeGuider(io.ComfyNode):
@@ -182,13 +158,13 @@ class NegativeGuider(io.ComfyNode):
     def execute(cls, model, positive, negative, cfg, negative_start_percent, negative_end_percent,
                 negatives=None, unconditional=None, rule=None, record_trace=False) -> io.NodeOutput:
         node = "NegativeGuider"
-        _host.check_model(node, model)
-        _host.check_finite(node, "cfg", cfg)
+        check_model(node, model)
+        check_number(node, "cfg", cfg)
         trace = new_trace(record_trace)
         request = build_request(node, negatives, negative_start_percent, negative_end_percent,
                                 unconditional, positive, negative, rule, trace)
-        _host.check_prompts_fit_model(node, model, [("positive", positive), ("negative", negative)])
-        guider = comfy.samplers.CFGGuider(_host.apply_guidance(model, request))
+        check_prompts_fit_model(node, model, [("positive", positive), ("negative", negative)])
+        guider = comfy.samplers.CFGGuider(apply_guidance(model, request))
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
         return io.NodeOutput(guider, trace)
@@ -230,23 +206,20 @@ class NegativeGuidanceSampler(io.ComfyNode):
                 denoise, negative_start_percent, negative_end_percent, negatives=None,
                 unconditional=None, rule=None, record_trace=False) -> io.NodeOutput:
         node = "NegativeGuidanceSampler"
-        _host.check_model(node, model)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise _host.InputError(node, "steps", "must be a whole number of at least 1", repr(steps))
-        _host.check_finite(node, "cfg", cfg)
+        check_model(node, model)
+        check_number(node, "steps", steps, 1, whole=True)
+        check_number(node, "cfg", cfg)
         for name, value, options in (("sampler_name", sampler_name, comfy.samplers.KSampler.SAMPLERS),
                                      ("scheduler", scheduler, comfy.samplers.KSampler.SCHEDULERS)):
-            if value not in options:  # the host would silently fall back to its first option
-                raise _host.InputError(node, name, "must be one of the host's names (e.g. " + ", ".join(options[:3])
-                                       + ")", repr(value))
-        if not 0.0 <= _host.check_finite(node, "denoise", denoise) <= 1.0:
-            raise _host.InputError(node, "denoise", "must be in [0, 1] (the share of the schedule to run)", denoise)
-        _host.check_latent(node, "latent_image", latent_image, model)
+            # the host would silently fall back to its first option
+            check_choice(node, name, value, options, f"must be one of the host's names (e.g. {', '.join(options[:3])})")
+        check_number(node, "denoise", denoise, 0, 1, hint=" (the share of the schedule to run)")
+        check_latent(node, "latent_image", latent_image, model)
         trace = new_trace(record_trace)
         request = build_request(node, negatives, negative_start_percent, negative_end_percent,
                                 unconditional, positive, negative, rule, trace)
-        _host.check_prompts_fit_model(node, model, [("positive", positive), ("negative", negative)])
-        patched = _host.apply_guidance(model, request)
+        check_prompts_fit_model(node, model, [("positive", positive), ("negative", negative)])
+        patched = apply_guidance(model, request)
         host_nodes = importlib.import_module("nodes")  # the host's nodes.py, not this pack's package
         (latent,) = host_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive,
                                                negative, latent_image, denoise=denoise)

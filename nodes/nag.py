@@ -11,31 +11,29 @@ What a patched clone carries (no forward method is replaced, nothing of the host
 - on UNets, an ``attn2_patch`` that marks the next attention call as a cross-attention (it changes
   nothing), so the override tells cross- from self-attention whatever the token counts.
 
-The override hands the call to ``samplers.nag``, which splits the texts again and combines the
-attention outputs before the layer's output projection, where the paper puts NAG.
+The override (``nag_attention.py``) hands the call to ``samplers.nag``, which splits the texts again
+and combines the attention outputs before the layer's output projection, where the paper puts NAG.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
-from dataclasses import dataclass, field
 
 import torch
 from comfy_api.latest import io
 
-from ..samplers import nag as nag_math
 from ..samplers.nag import NORMS, Params, Rows, check_parameters
 from ..samplers.schedule import SigmaWindow
-from . import _host
 from .guidance import CATEGORY
+from .model_fit import check_context_width, check_prompts_fit_model
+from .nag_attention import NODE, STATE_KEY, CallState, attention_override
 from .nag_families import Unsupported, adapter_for, refusal
+from .request import sigma_window
+from .validation import InputError, check_choice, check_model, check_window, conditioning_width, inputs_of
 
 log = logging.getLogger(__name__)
 
-NODE = "NegativeAttentionGuidance"
 WRAPPER_KEY = "negative_guidance_nag"
-STATE_KEY = "negative_guidance_nag"
 
 
 class Negative:
@@ -66,22 +64,6 @@ class Negative:
 
     def extra_tokens(self, key: str) -> int:
         return int(self.values[key].shape[2])
-
-
-@dataclass
-class CallState:
-    """What the override needs to know about one model call."""
-
-    family: str
-    kind: str
-    layout: nag_math.Layout
-    rows: Rows
-    params: Params
-    identify_by_patch: bool = False
-    cross_pending: bool = False
-    realign: tuple | None = None   # (rotary table, "positive" or "negative"): see nag_families.QwenImage
-    text_refiner: bool = False        # the model also attends over its text alone
-    calls: dict = field(default_factory=dict)
 
 
 @functools.lru_cache(maxsize=256)
@@ -135,111 +117,11 @@ class NagPatch:
         return n, context, value
 
 
-# ---------------------------------------------------------------------------- the attention override
-
-
-def _call_parts(args, kwargs):
-    """(q, k, v, mask, a function that calls attention with new q, k, v and mask)."""
-    q, k, v = args[:3]
-    mask_positional = len(args) > 4
-    mask = args[4] if mask_positional else kwargs.get("mask")
-    rest = list(args[3:])
-
-    def rebuild(nq, nk, nv, nmask):
-        new_args = [nq, nk, nv] + rest
-        new_kwargs = dict(kwargs)
-        if mask_positional:
-            new_args[4] = nmask
-        elif "mask" in kwargs or nmask is not None:
-            new_kwargs["mask"] = nmask
-        return new_args, new_kwargs
-    return q, k, v, mask, rebuild
-
-
-def attention_override(previous, state: CallState, func, *args, **kwargs):
-    """The ``optimized_attention_override`` of one guided model call (see ``wrap_attn`` in the host)."""
-    def run(a, kw):
-        return previous(func, *a, **kw) if previous is not None else func(*a, **kw)
-
-    q, k, v, mask, rebuild = _call_parts(args, kwargs)
-    skip = bool(kwargs.get("skip_reshape", False))
-    q_dim = 2 if skip else 1
-    heads = args[3] if len(args) > 3 else kwargs["heads"]
-    call = nag_math.Call(q, k, v, mask, q_dim=q_dim, v_dim=2 if skip else 1,
-                         out_dim=2 if kwargs.get("skip_output_reshape", False) else 1, heads=heads)
-
-    def attend(nq, nk, nv, nmask):
-        return run(*rebuild(nq, nk, nv, nmask))
-
-    kind = _classify(state, call)
-    state.calls[kind] = state.calls.get(kind, 0) + 1
-    layout, rows, params = state.layout, state.rows, state.params
-    if kind == "pass":
-        return run(args, kwargs)
-    if kind == "cross":
-        return nag_math.cross_attention(attend, call, layout, rows, params)
-    if kind == "text":
-        return nag_math.text_attention(attend, call, layout, rows)
-    if state.realign is not None:
-        table, which = state.realign
-        pos, neg, _ = layout.joint_indices(q.device)
-        index = pos if which == "positive" else neg
-        call = dataclasses.replace(call, q=nag_math.rotate_tokens(q, table, q_dim, index, heads),
-                                   k=nag_math.rotate_tokens(k, table, q_dim, index, heads))
-    if previous is None and mask is None and _exact_host_kernel(func):
-        return nag_math.joint_attention_shared_image(attend, call, layout, rows, params)
-    return nag_math.joint_attention(attend, call, layout, rows, params)
-
-
-HOST_KERNELS = {"attention_pytorch", "attention_sub_quad", "attention_split", "attention_basic"}
-
-
-def _exact_host_kernel(func) -> bool:
-    """The host's own exact attention (not a third-party kernel a user chose, such as sage's): the image
-    part may then be computed with PyTorch's, once for both texts."""
-    return getattr(func, "__module__", None) == "comfy.ldm.modules.attention" and func.__name__ in HOST_KERNELS
-
-
-def _classify(state: CallState, call: nag_math.Call) -> str:
-    lq, lk, layout = call.queries, call.keys, state.layout
-    if state.kind == "cross":
-        if state.identify_by_patch:
-            pending, state.cross_pending = state.cross_pending, False
-            if not pending:
-                return "pass"
-            if lk != layout.text:
-                raise RuntimeError(f"{NODE}: a cross-attention of this {state.family} model has {lk} keys, not the "
-                                   f"{layout.text} of the two texts: another node changed the text after NAG")
-            return "cross"
-        if lk == layout.text and lq == lk:
-            raise RuntimeError(f"{NODE}: this {state.family} call has as many image tokens as text tokens ({lq}), so "
-                               "its self- and cross-attention look alike; change the size or the frame count a little")
-        return "cross" if lk == layout.text else "pass"
-    if lq != lk:
-        raise RuntimeError(f"{NODE}: unexpected cross-attention ({lq} queries, {lk} keys) in a {state.family} model")
-    if lq == layout.joint:
-        return "joint"
-    if not state.text_refiner:
-        if lq == layout.image:
-            return "pass"  # image-only self-attention (SD3.5's second attention)
-        raise RuntimeError(f"{NODE}: an attention call of this {state.family} model has {lq} tokens, neither the "
-                           f"{layout.joint} of text and image nor the {layout.image} of the image alone")
-    if lq == layout.text == layout.image:
-        raise RuntimeError(f"{NODE}: this {state.family} call has as many image tokens as text tokens ({lq}), so its "
-                           "text-only and image-only attention look alike; change the size a little")
-    if lq == layout.text:
-        return "text"  # a text refiner (HunyuanVideo, Lumina2): each text attends only to itself
-    if lq == layout.image:
-        return "pass"  # image-only self-attention (Lumina2's noise refiner)
-    raise RuntimeError(f"{NODE}: an attention call of this {state.family} model has {lq} tokens, neither the "
-                       f"{layout.joint} of text and image nor the {layout.image} of the image alone")
-
-
 # ---------------------------------------------------------------------------- the node
 
 
 def _window(model, start_percent: float, end_percent: float) -> SigmaWindow:
-    return _host._sigma_window(model.get_model_object("model_sampling"), start_percent, end_percent)
+    return sigma_window(model.get_model_object("model_sampling"), start_percent, end_percent)
 
 
 def _adapter(model):
@@ -247,10 +129,10 @@ def _adapter(model):
     dm = getattr(dm, "_orig_mod", dm)  # a torch.compile'd model keeps its module here
     why = refusal(dm)
     if why is not None:
-        raise _host.InputError(NODE, "model", f"is a {type(dm).__name__}, which NAG cannot guide: {why}")
+        raise InputError(NODE, "model", f"is a {type(dm).__name__}, which NAG cannot guide: {why}")
     adapter = adapter_for(dm)
     if adapter is None:
-        raise _host.InputError(
+        raise InputError(
             NODE, "model",
             f"is a {type(dm).__name__}, a family NAG does not reach: it guides SD1.x, SD2.x, SDXL, SD3/3.5, Flux, "
             "Chroma, HiDream, Wan 2.1/2.2, LTXV, HunyuanVideo and Qwen-Image (see the README's family table)",
@@ -258,34 +140,30 @@ def _adapter(model):
     try:
         adapter.check_model(dm)
     except Unsupported as why:
-        raise _host.InputError(NODE, "model", f"cannot be guided by NAG: {why}") from None
+        raise InputError(NODE, "model", f"cannot be guided by NAG: {why}") from None
     return adapter, dm
 
 
 def _check_negative(adapter, dm, model, negative) -> None:
-    _host.conditioning_width(negative, NODE, "negative")
+    conditioning_width(negative, NODE, "negative")
     if len(negative) != 1:
-        raise _host.InputError(NODE, "negative", "must be a single-entry conditioning (one prompt)", len(negative))
-    width = adapter.context_width(dm)  # UNets: check_prompts_fit_model reads their config
-    got = int(negative[0][0].shape[-1])
-    if width is not None and got != width:
-        family = type(getattr(model.model, "model_config", None)).__name__
-        raise _host.InputError(NODE, "negative", f"must have this model's context width ({width}, {family}): it was "
-                               "encoded by another family's text encoder", got)
+        raise InputError(NODE, "negative", "must be a single-entry conditioning (one prompt)", len(negative))
+    # UNets: check_prompts_fit_model reads their config
+    check_context_width(NODE, "negative", int(negative[0][0].shape[-1]), adapter.context_width(dm), model)
     for key in adapter.negative_keys:
         if not isinstance(negative[0][1].get(key), torch.Tensor):
-            raise _host.InputError(NODE, "negative", f"must carry '{key}', which {adapter.name} reads with every prompt: "
+            raise InputError(NODE, "negative", f"must carry '{key}', which {adapter.name} reads with every prompt: "
                                    "encode it with the model's own text encoder")
 
 
 def _check_unshared(model) -> None:
     wrappers = model.wrappers.get(comfy_wrappers().APPLY_MODEL, {})
     if WRAPPER_KEY in wrappers:
-        raise _host.InputError(NODE, "model", "already has Negative Attention Guidance applied: use one NAG node per "
+        raise InputError(NODE, "model", "already has Negative Attention Guidance applied: use one NAG node per "
                                "model (one negative prompt)")
     replaced = model.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2")
     if replaced:
-        raise _host.InputError(NODE, "model", "has its cross-attention replaced by another node (an IPAdapter, say), "
+        raise InputError(NODE, "model", "has its cross-attention replaced by another node (an IPAdapter, say), "
                                "which computes attention itself, out of NAG's reach")
 
 
@@ -298,19 +176,15 @@ def comfy_wrappers():
 def apply_nag(model, negative, scale: float, tau: float, alpha: float, norm: str, start_percent: float,
               end_percent: float):
     """Validate and return a clone of ``model`` with NAG's hooks (``model`` itself at scale 1)."""
-    try:
+    with inputs_of(NODE):
         check_parameters(scale, tau, alpha)
-    except ValueError as e:
-        name, rest = str(e).split(" ", 1)
-        raise _host.InputError(NODE, name, rest) from None
-    if norm not in NORMS:
-        raise _host.InputError(NODE, "norm", f"must be one of {sorted(NORMS)}", norm)
-    _host.check_window(NODE, start_percent, end_percent)
-    _host.conditioning_width(negative, NODE, "negative")
-    _host.check_model(NODE, model)
+    check_choice(NODE, "norm", norm, NORMS, f"must be one of {sorted(NORMS)}")
+    check_window(NODE, start_percent, end_percent)
+    conditioning_width(negative, NODE, "negative")
+    check_model(NODE, model)
     adapter, dm = _adapter(model)
     _check_negative(adapter, dm, model, negative)
-    _host.check_prompts_fit_model(NODE, model, [("negative", negative)], pooled=False)
+    check_prompts_fit_model(NODE, model, [("negative", negative)], pooled=False)
     _check_unshared(model)
     if scale == 1.0:
         return model  # Z~ = Z+: NAG is the identity

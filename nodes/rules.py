@@ -8,27 +8,17 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..samplers import rules
-from . import _host
 from .guidance import CATEGORY, Rule
+from .validation import check_rule, inputs_of
 
 RULE_CATEGORY = f"{CATEGORY}/rules"
 
 
 def build_rule(node: str, cls, **params):
-    """Construct a rule, turning its validation error into one that names the node and the input."""
-    inner = params.get("inner")
-    if inner is not None and not isinstance(inner, rules.CFG):
-        raise _host.InputError(node, "rule", "must come from one of this pack's rule nodes", type(inner).__name__)
-    try:
+    """Construct a rule; a parameter it refuses is named as the node's input (its ``inner`` rule is 'rule')."""
+    check_rule(node, params.get("inner"))
+    with inputs_of(node, {"inner": "rule"}):
         return cls(**params)
-    except (ValueError, TypeError) as e:
-        message = str(e)
-        name = message.split(" ", 1)[0]
-        if name == "inner":
-            raise _host.InputError(node, "rule", message.split(" ", 1)[1]) from None
-        if name in params:
-            raise _host.InputError(node, name, message.split(" ", 1)[1]) from None
-        raise _host.InputError(node, "parameters", message) from None
 
 
 def _rule_output():

@@ -25,8 +25,8 @@ from comfy.ldm.modules.attention import optimized_attention
 from comfy_api.latest import io
 
 from ..samplers import toy
-from . import _host
 from .guidance import CATEGORY
+from .validation import InputError
 
 NODE = "NegativeGuidanceToyModel"
 WIDTH = 1 + len(toy.CONCEPTS)  # an encoded word: its attention key, then its weight on each concept
@@ -197,7 +197,7 @@ class NegativeGuidanceToyModel(io.ComfyNode):
     @classmethod
     def execute(cls, independent_halves=False) -> io.NodeOutput:
         if not isinstance(independent_halves, bool):
-            raise _host.InputError(NODE, "independent_halves", "must be true or false", repr(independent_halves))
+            raise InputError(NODE, "independent_halves", "must be true or false", repr(independent_halves))
         return io.NodeOutput(*toy_model(independent_halves))
 
 

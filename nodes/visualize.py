@@ -13,8 +13,9 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..samplers.trace import Trace, fingerprint
-from . import _host, drawing
+from . import drawing
 from .guidance import CATEGORY, TraceType
+from .validation import InputError, check_number
 
 log = logging.getLogger(__name__)
 NODE = "GuidanceVisualizer"
@@ -22,24 +23,24 @@ NODE = "GuidanceVisualizer"
 
 def check_trace(trace, latent) -> Trace:
     if trace is None:
-        raise _host.InputError(NODE, "trace", "is empty: turn on 'record_trace' on the sampler or guider that made it")
+        raise InputError(NODE, "trace", "is empty: turn on 'record_trace' on the sampler or guider that made it")
     if not isinstance(trace, Trace):
-        raise _host.InputError(NODE, "trace", "must come from NegativeGuidanceSampler or NegativeGuider", type(trace).__name__)
+        raise InputError(NODE, "trace", "must come from NegativeGuidanceSampler or NegativeGuider", type(trace).__name__)
     if not trace.steps or trace.stats is None:
-        raise _host.InputError(NODE, "trace", "holds no recorded step: its sampler has not run yet")
+        raise InputError(NODE, "trace", "holds no recorded step: its sampler has not run yet")
     samples = latent.get("samples") if isinstance(latent, dict) else None
     if not isinstance(samples, torch.Tensor):
-        raise _host.InputError(NODE, "latent", "must be the LATENT output of the sampler that recorded the trace")
+        raise InputError(NODE, "latent", "must be the LATENT output of the sampler that recorded the trace")
     if not bool(torch.isfinite(samples).all()):
-        raise _host.InputError(NODE, "latent", "contains NaN or infinite values: the run it comes from diverged")
+        raise InputError(NODE, "latent", "contains NaN or infinite values: the run it comes from diverged")
     if trace.fingerprint is not None and tuple(samples.shape) != tuple(trace.fingerprint[0]):
-        raise _host.InputError(
+        raise InputError(
             NODE, "latent",
             f"must have the shape of the latent the trace's run produced {list(trace.fingerprint[0])}: it comes from "
             "another sampler or model family", list(samples.shape),
         )
     if trace.fingerprint is not None and fingerprint(samples) != trace.fingerprint:
-        raise _host.InputError(
+        raise InputError(
             NODE, "latent",
             "does not come from the run this trace recorded (a trace from another run): connect the LATENT of the "
             "same sampler",
@@ -72,10 +73,9 @@ class GuidanceVisualizer(io.ComfyNode):
 
     @classmethod
     def execute(cls, trace, latent, steps, vae=None) -> io.NodeOutput:
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise _host.InputError(NODE, "steps", "must be a whole number of at least 1", steps)
+        check_number(NODE, "steps", steps, 1, whole=True)
         if vae is not None and not callable(getattr(vae, "decode", None)):
-            raise _host.InputError(NODE, "vae", "must be a VAE (the output of a checkpoint or VAE loader)",
+            raise InputError(NODE, "vae", "must be a VAE (the output of a checkpoint or VAE loader)",
                                    type(vae).__name__)
         image = drawing.render(check_trace(trace, latent), steps, vae,
                                check=comfy.model_management.throw_exception_if_processing_interrupted)

@@ -91,7 +91,7 @@ def kit(host, tiny_model):
         nag=importlib.import_module(f"{pack}.nag"),
         toy=importlib.import_module(f"{pack}.toy_model"),
         cd=importlib.import_module(f"{pack}.conditioning"),
-        host=importlib.import_module(f"{pack}._host"),
+        host=importlib.import_module(f"{pack}.validation"),
         rules=importlib.import_module("negative_guidance_pack.samplers.rules"),
         trace_mod=importlib.import_module("negative_guidance_pack.samplers.trace"),
         host_nodes=importlib.import_module("nodes"),
