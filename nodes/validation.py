@@ -54,8 +54,8 @@ def check_window(node: str, start: float, end: float, prefix: str = "") -> None:
 
 def check_choice(node: str, name: str, value, options, expected: str | None = None) -> None:
     """``value`` one of ``options``: a combo the host would otherwise resolve silently or not at all."""
-    if value not in options:
-        raise InputError(node, name, expected or f"must be one of {', '.join(map(str, options))}", repr(value))
+    with inputs_of(node):
+        checks.choice(name, value, options, expected)
 
 
 def check_model(node: str, model, name: str = "model") -> None:

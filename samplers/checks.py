@@ -1,4 +1,4 @@
-"""The one parameter check of the pack, and the error it raises.
+"""The parameter checks of the pack (a number, a choice), and the one error they raise.
 
 Rules, NAG's parameters, windows and traces validate their numbers here at construction. The
 error carries the parameter's name, what was expected and what came as fields, so the node layer
@@ -50,3 +50,10 @@ def number(name: str, value, low=None, high=None, *, whole: bool = False, hint: 
     if (low is not None and value < low) or (high is not None and value > high):
         raise ParameterError(name, f"must be{_bounds(low, high)}{hint}", repr(value), owner)
     return float(value)
+
+
+def choice(name: str, value, options, expected: str | None = None, owner: str | None = None):
+    """``value`` if it is one of ``options``; ``expected`` words the message when the list is long."""
+    if value not in options:
+        raise ParameterError(name, expected or f"must be one of {', '.join(map(str, options))}", repr(value), owner)
+    return value

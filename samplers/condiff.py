@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .checks import choice
+
 MAX_REPEAT = 4
 MODES = ("subtract", "project_out")
 LABEL_KEYS = ("token_labels", "token_strings", "tokens")
@@ -466,8 +468,7 @@ def diff_conditionings(a: Sequence, b: Sequence, mode: str = "subtract", scale: 
     every entry of ``a``. Inputs are never changed: new lists, copied dicts, new tensors. ``check``
     (e.g. the host's interrupt test) is called before each entry, the report and the chart."""
     check = check or (lambda: None)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    choice("mode", mode, MODES)
     if len(b) not in (1, len(a)):
         raise ValueError(f"b has {len(b)} entries; it needs 1 or as many as a ({len(a)})")
     out, entries, pairs = [], [], []

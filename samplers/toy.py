@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import engine, rules
+from .checks import choice
 from .schedule import SigmaWindow
 
 COMPONENTS: dict[str, tuple] = {
@@ -318,8 +319,7 @@ def sample(run: ToyRun, n: int = 2000, steps: int = 30, sampler: str = "euler", 
     ancestral sampler (eta 1, as k-diffusion's ``sample_euler_ancestral``). With ``images`` the
     samples are toy pictures (flattened [3, IMAGE_SIZE, IMAGE_SIZE]); a ``trace.Trace`` records
     every evaluation as the ComfyUI nodes do."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    choice("sampler", sampler, SAMPLERS)
     sigmas = karras_sigmas(steps)
     gen = torch.Generator().manual_seed(seed)
     dim = 3 * IMAGE_SIZE * IMAGE_SIZE if images else 2
