@@ -1,6 +1,6 @@
 """The negative-guidance engine: one description of the negatives, one plan a step, one combine.
 
-The host glue (``nodes/_host.py``), the toy sampler and the benchmarks all call these functions;
+The host glue (``nodes/hooks.py``), the toy sampler and the benchmarks all call these functions;
 nothing here knows ComfyUI. A step runs in three parts:
 
 1. ``GuidanceSpec.plan(sigma, ...)`` says which branches to predict (``StepPlan``), before any
