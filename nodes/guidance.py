@@ -71,7 +71,7 @@ def guidance_inputs() -> list:
         Rule.Input(
             "rule", optional=True,
             tooltip="How the predictions are combined (a rule node: Perp-Neg, APG, rescale, CFG-Zero*, dynamic, "
-            "minimum sigma, interval). Empty: plain CFG.",
+            "minimum sigma, interval, cached negative). Empty: plain CFG.",
         ),
     ]
 

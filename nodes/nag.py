@@ -135,7 +135,7 @@ def _adapter(model):
         raise InputError(
             NODE, "model",
             f"is a {type(dm).__name__}, a family NAG does not reach: it guides SD1.x, SD2.x, SDXL, SD3/3.5, Flux, "
-            "Chroma, HiDream, Wan 2.1/2.2, LTXV, HunyuanVideo and Qwen-Image (see the README's family table)",
+            "Chroma, HiDream, Wan 2.1/2.2, LTXV, HunyuanVideo, Qwen-Image and Lumina2 (see docs/nag.md)",
         )
     try:
         adapter.check_model(dm)

@@ -16,7 +16,6 @@ Statistics, per evaluation, averaged over the kept samples (RMS over all non-bat
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +23,6 @@ import torch
 from .checks import number
 
 STATS = ("pos_norm", "neg_norm", "cosine", "neg_share")
-_run_ids = itertools.count(1)
 
 
 def _rms(t: torch.Tensor) -> torch.Tensor:
@@ -81,7 +79,6 @@ class Trace:
     preview_size: int = 64
     keep: int = 1
     rule: str = "CFG"
-    run_id: int = field(default_factory=lambda: next(_run_ids))
     steps: list = field(default_factory=list)
     stats: torch.Tensor | None = None  # [evaluations, 4], on the CPU once finished
     fingerprint: tuple | None = None
@@ -93,8 +90,7 @@ class Trace:
         number("keep", self.keep, 1, 64, whole=True)
 
     def reset(self, rule: str = "CFG") -> None:
-        """Start a new run: a new id, nothing recorded (a guider sampled twice records its last run)."""
-        self.run_id = next(_run_ids)
+        """Start a new run with nothing recorded (a guider sampled twice records its last run)."""
         self.rule = rule
         self.steps, self.stats, self.fingerprint, self._pending_stats = [], None, None, []
 
