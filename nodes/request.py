@@ -98,6 +98,7 @@ def validate_request(request: GuidanceRequest, positive=None, negative=None) -> 
 def build_request(node: str, negatives=None, negative_start_percent=0.0, negative_end_percent=1.0,
                   unconditional=None, positive=None, negative=None, rule=None, trace=None) -> GuidanceRequest:
     """Validate the entry points' shared inputs and turn them into a request; nothing is mutated."""
+    check_window(node, negative_start_percent, negative_end_percent, "negative_")  # named first, as it always was
     request = GuidanceRequest(
         node=node,
         extras=check_chain(node, negatives, NegativeEntry),

@@ -258,7 +258,7 @@ class ToyRun:
     positive: str = "man"
     negative: str = ""
     cfg: float = 5.0
-    rule: rules.CFG = field(default_factory=rules.CFG)
+    rule: rules.Rule = field(default_factory=rules.CFG)
     primary_window: SigmaWindow = field(default_factory=SigmaWindow)
     extras: tuple = ()  # ((prompt, weight, SigmaWindow), ...)
     unconditional: str | None = None
