@@ -15,19 +15,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import comfy_host  # noqa: E402
+from toy_demo import COLOURS, ROOT, load_pack
 
 log = logging.getLogger("negative_guidance.toy_step")
 
-COLOURS = {"man": (46, 134, 222), "man with mustache": (231, 76, 60), "woman": (155, 89, 182), "cat": (39, 174, 96)}
 ARROWS = {  # what each arrow is, in the legend's order: (colour, legend)
     "pos": ((46, 134, 222), "D_pos: the prediction for the positive 'man' (man, with or without mustache)"),
     "neg": ((231, 76, 60), "D_neg: the prediction for the negative 'mustache'"),
@@ -47,14 +42,6 @@ def font(size: int):
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one bitmap size
         return ImageFont.load_default()
-
-
-def load_pack():
-    """The pack under a fixed name, without ComfyUI (samplers/ never imports the host)."""
-    comfy_host.load_pack()
-    from negative_guidance_pack.samplers import rules, toy
-
-    return rules, toy
 
 
 def to_pixel(point) -> tuple:

@@ -64,51 +64,36 @@ class GuidanceRequest:
         return named
 
 
-def check_entry(node: str, conditioning, weight, start_percent, end_percent, prefix: str = "") -> None:
-    """One extra negative's inputs: a conditioning, a finite weight, a window."""
-    conditioning_width(conditioning, node, prefix.rstrip(".") or "conditioning")
+def check_entry(node: str, conditioning, weight, start_percent, end_percent, name: str = "conditioning",
+                prefix: str = "") -> None:
+    """One extra negative's inputs: a conditioning (input ``name``), a finite weight, a window (``prefix`` + input)."""
+    conditioning_width(conditioning, node, name)
     check_number(node, f"{prefix}weight", weight)
     check_window(node, start_percent, end_percent, prefix)
 
 
-def validate_request(request: GuidanceRequest, positive=None, negative=None) -> None:
-    """Check a request before any sampling starts; with ``positive`` known, check widths too."""
-    node = request.node
-    check_window(node, request.negative_start_percent, request.negative_end_percent, "negative_")
-    check_chain(node, request.extras, NegativeEntry)
-    for i, e in enumerate(request.extras):
-        check_entry(node, e.conditioning, e.weight, e.start_percent, e.end_percent, f"negatives[{i}].")
-    if request.unconditional is not None:
-        conditioning_width(request.unconditional, node, "unconditional")
-    check_rule(node, request.rule)
-    if request.rule is not None and request.rule.needs_uncond and request.unconditional is None:
-        raise InputError(
-            node, "unconditional",
-            f"is required by the {request.rule.name} rule: connect an empty-prompt conditioning "
-            "(CLIPTextEncode with no text)",
-        )
-    if positive is None:
-        return
-    if negative is not None:
-        check_same_width(node, positive, "positive", negative, "negative")
-    for name, conditioning in request.named_prompts():
-        check_same_width(node, positive, "positive", conditioning, name)
-
-
 def build_request(node: str, negatives=None, negative_start_percent=0.0, negative_end_percent=1.0,
                   unconditional=None, positive=None, negative=None, rule=None, trace=None) -> GuidanceRequest:
-    """Validate the entry points' shared inputs and turn them into a request; nothing is mutated."""
-    check_window(node, negative_start_percent, negative_end_percent, "negative_")  # named first, as it always was
-    request = GuidanceRequest(
-        node=node,
-        extras=check_chain(node, negatives, NegativeEntry),
-        negative_start_percent=negative_start_percent,
-        negative_end_percent=negative_end_percent,
-        unconditional=unconditional,
-        rule=rule,
-        trace=trace,
-    )
-    validate_request(request, positive=positive, negative=negative)
+    """Validate the entry points' shared inputs and turn them into a request, before any sampling; with
+    ``positive`` known, the widths too. Nothing is mutated."""
+    check_window(node, negative_start_percent, negative_end_percent, "negative_")
+    extras = check_chain(node, negatives, NegativeEntry)
+    for i, e in enumerate(extras):
+        check_entry(node, e.conditioning, e.weight, e.start_percent, e.end_percent, f"negatives[{i}]", f"negatives[{i}].")
+    if unconditional is not None:
+        conditioning_width(unconditional, node, "unconditional")
+    check_rule(node, rule)
+    if rule is not None and rule.needs_uncond and unconditional is None:
+        raise InputError(
+            node, "unconditional",
+            f"is required by the {rule.name} rule: connect an empty-prompt conditioning (CLIPTextEncode with no text)",
+        )
+    request = GuidanceRequest(node, extras, negative_start_percent, negative_end_percent, unconditional, rule, trace)
+    if positive is not None:
+        if negative is not None:
+            check_same_width(node, positive, "positive", negative, "negative")
+        for name, conditioning in request.named_prompts():
+            check_same_width(node, positive, "positive", conditioning, name)
     return request
 
 
