@@ -203,7 +203,7 @@ def math_only(ctx, rounds):
             cells = []
             for rule in all_rules:
                 spec = engine.GuidanceSpec(extras=(engine.ExtraNegative(1.0),), has_uncond=True, rule=rule)
-                plan = spec.plan(2.0)
+                plan = spec.plan(2.0, scale=CFG)
                 state = rule.new_state()
 
                 def step():

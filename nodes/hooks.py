@@ -16,17 +16,20 @@ The one module that knows the host's sampling hook names and argument keys. What
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
 
+import comfy.hooks
+import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.sampler_helpers
 import comfy.samplers
 import node_helpers
 import torch
 
-from ..samplers.engine import GuidanceSpec, combine_step, negative_for, outside_as_reference
+from ..samplers.engine import GuidanceSpec, combine_step, negative_for
 from ..samplers.rules import RunState
 from ..samplers.schedule import StepPlan
 from ..samplers.trace import Trace
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 WRAPPER_KEY = "negative_guidance"
 EXTRA_COND_KEY = "negative_guidance_extra_{}"
 UNCOND_COND_KEY = "negative_guidance_uncond"
+BRANCH_MARK = "negative_guidance_branch"
+"""A key on the pack's conditioning entries, which the host's copies of an entry keep (``c.copy()``)."""
 
 
 def apply_guidance(model, request: GuidanceRequest):
@@ -66,6 +71,38 @@ def _as_negative(conditioning) -> list:
     return comfy.sampler_helpers.convert_cond(node_helpers.conditioning_set_values(conditioning, {"prompt_type": "negative"}))
 
 
+def _register_hooks(guider, added: dict) -> None:
+    """Register the conditioning hooks (LoRA hooks ...) of the pack's conditionings as ``CFGGuider.sample`` registers
+    the sampler's own, before the OUTER_SAMPLE wrappers: weight hooks of every conditioning on the model patcher at
+    once (``prepare_model_patcher``), the others' options into this run's model options; hooks nothing registered
+    are dropped from the conditionings (``filter_registered_hooks_on_conds``), as the host does."""
+    comfy.samplers.preprocess_conds_hooks(added)
+    ours = comfy.hooks.HookGroup()
+    for conds in added.values():
+        comfy.sampler_helpers.get_hooks_from_cond(conds, ours)
+    registered = guider.model_options.get("registered_hooks")
+    if len(ours) > 0 and not (registered is not None and ours.is_subset_of(registered)):
+        known = set(registered.hooks) if registered is not None else set()
+        scratch = comfy.model_patcher.create_model_options_clone(guider.model_options)
+        comfy.sampler_helpers.prepare_model_patcher(guider.model_patcher, {**guider.conds, **added}, scratch)
+        target = comfy.hooks.create_target_dict(comfy.hooks.EnumWeightTarget.Model)
+        for hook in ours.hooks:
+            if hook not in known and hook.hook_type != comfy.hooks.EnumHookType.Weight:
+                hook.add_hook_patches(guider.model_patcher, guider.model_options, target, comfy.hooks.HookGroup())
+        guider.model_options["registered_hooks"] = scratch["registered_hooks"]
+    comfy.samplers.filter_registered_hooks_on_conds(added, guider.model_options)
+
+
+def _drop_area_copies(conds: dict) -> None:
+    """Remove, from each conditioning list of the run, the host's copies of another list's area entries that an entry
+    of the pack made (``process_conds`` adds one per area entry to every other list): an area-limited extra then
+    changes neither the main term nor another extra. Copies the host made *of* the positive's or negative's areas
+    into the pack's lists stay, as they do in the sampler's negative."""
+    for key, entries in conds.items():
+        if any(c.get(BRANCH_MARK, key) != key for c in entries):
+            entries[:] = [c for c in entries if c.get(BRANCH_MARK, key) == key]
+
+
 class _OuterSample:
     """OUTER_SAMPLE wrapper: prepares one sampling run, then lets the host run it."""
 
@@ -83,12 +120,17 @@ class _OuterSample:
             )
         check_sampler_prompts(self.request, guider.model_patcher, guider.original_conds)
         model_sampling = guider.model_patcher.get_model_object("model_sampling")
-        spec = resolve_spec(self.request, model_sampling)
+        spec = dataclasses.replace(resolve_spec(self.request, model_sampling),
+                                   has_primary=guider.conds.get("negative") is not None)
+        added = {}
         for i, entry in enumerate(self.request.extras):
             if entry.weight != 0.0:  # a zero weight is never planned: nothing for the host to prepare
-                guider.conds[EXTRA_COND_KEY.format(i)] = _as_negative(entry.conditioning)
+                added[EXTRA_COND_KEY.format(i)] = _as_negative(entry.conditioning)
         if self.request.unconditional is not None:
-            guider.conds[UNCOND_COND_KEY] = _as_negative(self.request.unconditional)
+            added[UNCOND_COND_KEY] = _as_negative(self.request.unconditional)
+        _register_hooks(guider, added)
+        for key, conds in added.items():
+            guider.conds[key] = [{**c, BRANCH_MARK: key} for c in conds]
         trace = self.request.trace
         if trace is not None:
             trace.reset(rule=spec.rule.name)
@@ -123,7 +165,7 @@ class _Run:
         self.spec = spec
         self.trace = trace
         self.guider = guider
-        self.cfg1 = math.isclose(cfg, 1.0)
+        self.scale = cfg
         self.node = node
         self.state: RunState = spec.rule.new_state()
         self.calls = 0
@@ -157,14 +199,8 @@ class _Run:
         # The one device->host read of the step, and only when a window makes the plan depend
         # on sigma; the host reads sigma the same way for every conditioning with a timestep range.
         s = float(sigma.reshape(-1)[0]) if self.spec.needs_sigma else None
-        plan = self.spec.plan(
-            s,
-            has_primary=self._primary_conds(conds) is not None,
-            primary_term_needed=not self.cfg1,
-            keep_primary=self.cfg1 and conds[1] is not None,
-            call_index=self.calls,
-            state=self.state,
-        )
+        plan = self.spec.plan(s, scale=self.scale, call_index=self.calls, state=self.state,
+                              asked=frozenset({"primary"}) if conds[1] is not None else frozenset())
         self.calls += 1
         self.branches += plan.branches
         return plan
@@ -183,27 +219,27 @@ class _Run:
 
     def calc_cond_batch(self, args):
         conds, x, sigma, model, options = args["conds"], args["input"], args["sigma"], args["model"], args["model_options"]
+        if self.calls == 0:  # the run's conditionings are prepared (process_conds) by the first model evaluation
+            _drop_area_copies(self.guider.conds)
         plan = self._plan(conds, sigma)
-        extra_conds = [self.guider.conds[EXTRA_COND_KEY.format(i)] for i in plan.predict_extras]
-        uncond_conds = [self.guider.conds[UNCOND_COND_KEY]] if plan.predict_uncond else []
-        primary_conds = self._primary_conds(conds) if plan.predict_primary else None
+        call_index = self.calls - 1
+        predicted = plan.having("predicted")
+        ours = [k for k in predicted if k != "primary"]
+        our_conds = [self.guider.conds[UNCOND_COND_KEY if k == "uncond" else EXTRA_COND_KEY.format(k)] for k in ours]
+        primary_conds = self._primary_conds(conds) if "primary" in predicted else None
         if self.prev_calc is None:
-            out = comfy.samplers.calc_cond_batch(model, [conds[0], primary_conds] + extra_conds + uncond_conds, x, sigma, options)
+            out = comfy.samplers.calc_cond_batch(model, [conds[0], primary_conds] + our_conds, x, sigma, options)
         else:
             # Another node owns the two-branch call (it may expect exactly [cond, uncond]);
             # our branches go in a second batched call.
             out = list(self.prev_calc({**args, "conds": [conds[0], primary_conds]}))
-            if extra_conds or uncond_conds:
-                out += comfy.samplers.calc_cond_batch(model, extra_conds + uncond_conds, x, sigma, options)
+            if our_conds:
+                out += comfy.samplers.calc_cond_batch(model, our_conds, x, sigma, options)
         pos = out[0]
-        primary, uncond, extras = self.spec.complete(
-            plan, self.state, pos, sigma,
-            primary=out[1] if plan.predict_primary else None,
-            uncond=out[2 + len(extra_conds)] if plan.predict_uncond else None,
-            extras=out[2:2 + len(extra_conds)])
-        if extras:
-            reference = {"uncond": uncond, "primary": primary}.get(plan.reference, pos)
-            extras = [outside_as_reference(e, reference) for e in extras]
+        made = dict(zip(ours, out[2:]))
+        if primary_conds is not None:
+            made["primary"] = out[1]
+        primary, uncond, extras = self.spec.complete(plan, self.state, pos, sigma, made, call_index)
         if self.combines:
             self.pending = _Step(x, plan, pos, primary, uncond, extras)
         return [pos, negative_for(plan, pos, primary, uncond)]

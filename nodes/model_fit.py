@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from ..samplers import rules
 from .request import GuidanceRequest
 from .validation import InputError, check_width, conditioning_width
 
@@ -105,7 +106,7 @@ def check_request_fits(request: GuidanceRequest, model) -> None:
         return
     model_sampling = model.get_model_object("model_sampling")
     low, high = float(model_sampling.sigma_min), float(model_sampling.sigma_max)
-    fit = request.rule.fit(low, high)
+    fit = rules.nest(request.rule).fit(low, high)
     where = f"this model's sigmas run from {high:.4g} down to {low:.4g}" + (
         " (a flow model: 1 down to 0)" if high <= 1.0 + 1e-6 else "")
     if fit == "never":

@@ -17,7 +17,8 @@ primary negative's prediction (usually the empty or general-purpose negative pro
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,7 +26,7 @@ import torch
 
 from . import rules
 from .checks import number
-from .schedule import Role, SigmaWindow, StepPlan, plan_step
+from .schedule import Role, SigmaWindow, StepPlan
 
 
 @dataclass(frozen=True)
@@ -51,67 +52,77 @@ class GuidanceSpec:
     has_uncond: bool = False
     rule: rules.Rule = field(default_factory=rules.CFG)
     flow: bool = False  # the model is a flow-matching one (rules that leave denoised space need to know)
+    has_primary: bool = True  # the sampler has a negative prompt of its own
 
     def __post_init__(self):
         if self.rule.needs_uncond and not self.has_uncond:
             raise ValueError(f"the {self.rule.name} rule needs an unconditional (empty prompt) conditioning")
 
+    @functools.cached_property
+    def nesting(self) -> rules.Nesting:
+        return rules.nest(self.rule)
+
     @property
     def needs_sigma(self) -> bool:
         """Whether a step's plan depends on its sigma (False: no window, no sigma read at all)."""
         return (
-            self.rule.reads_sigma
+            self.nesting.reads_sigma
             or not self.primary_window.always
             or any(not e.window.always for e in self.extras if e.weight != 0.0)
         )
 
-    def plan(
-        self,
-        sigma: float | None,
-        *,
-        has_primary: bool = True,
-        primary_term_needed: bool = True,
-        keep_primary: bool = False,
-        call_index: int = 0,
-        state: rules.RunState = None,
-    ) -> StepPlan:
-        """The step's plan; ``call_index`` counts model evaluations since the run started. With a
-        cached negative (and its run ``state``), the branches it can rebuild are marked reused."""
-        plan = plan_step(
-            sigma,
-            self.primary_window,
-            [e.window for e in self.extras],
-            skip=[e.weight == 0.0 for e in self.extras],
-            guidance_off=self.rule.guidance_off(sigma, call_index),
-            force_uncond=self.rule.needs_uncond,
-            has_primary=has_primary,
-            has_uncond=self.has_uncond,
-            primary_term_needed=primary_term_needed,
-            keep_primary=keep_primary,
+    def plan(self, sigma: float | None, *, scale: float, call_index: int = 0, state: rules.RunState = None,
+             asked: frozenset = frozenset()) -> StepPlan:
+        """The plan of model evaluation ``call_index`` of the run at ``sigma`` with guidance scale ``scale``
+        (docs/internals.md, "What a step computes"). ``asked`` names the branches another node made the host
+        predict (the sampler's negative at cfg 1); with a cached negative and its run ``state``, the branches it
+        can rebuild are marked rebuilt."""
+        if self.nesting.guidance_off(sigma, call_index):
+            return StepPlan(status={}, negative="positive", reference=None)
+        extras = tuple(i for i, e in enumerate(self.extras) if e.weight != 0.0 and e.window.contains(sigma))
+        primary_on = self.has_primary and self.primary_window.contains(sigma)
+        main_term = not math.isclose(scale, 1.0)  # D_neg + 1 * (D_pos - D_neg) = D_pos: at cfg 1 the main term is the positive
+        reference = None
+        if extras:
+            reference = "uncond" if self.has_uncond else ("primary" if self.has_primary else "positive")
+        primary = (primary_on and (main_term or "primary" in asked)) or reference == "primary"
+        if primary_on and primary:
+            negative = "primary"
+        elif self.has_uncond and main_term and not primary_on:
+            negative = "uncond"
+        else:
+            negative = "positive"
+        uncond = "uncond" in (negative, reference) or (self.has_uncond and self.rule.needs_uncond)
+        needed = (("primary",) if primary else ()) + (("uncond",) if uncond else ()) + extras
+        cache = self.nesting.cache
+        rebuilt = cache is not None and state is not None and cache.reuses(call_index)
+        return StepPlan(
+            status={k: "rebuilt" if rebuilt and k in state["diff"] else "predicted" for k in needed},
+            negative=negative, reference=reference,
         )
-        if not self.rule.caches_negatives or state is None:
-            return plan
-        state["now"] = call_index
-        if not self.rule.reuses(call_index):
-            return plan
-        return dataclasses.replace(plan, reused=tuple(k for k in plan.needed if k in state["diff"]))
 
-    def complete(self, plan: StepPlan, state: rules.RunState, pos: torch.Tensor, sigma: torch.Tensor, primary=None, uncond=None,
-                 extras: Sequence[torch.Tensor] = ()) -> tuple:
-        """The predictions a step's combine needs, from those the model made (``extras`` for
-        ``plan.predict_extras``): a cached negative rebuilds the reused ones and remembers the rest.
+    def complete(self, plan: StepPlan, state: rules.RunState, pos: torch.Tensor, sigma: torch.Tensor,
+                 predicted: dict, call_index: int = 0) -> tuple:
+        """The predictions a step's combine needs, from those the model made (``predicted``, by branch): a cached
+        negative rebuilds the rebuilt ones and remembers the rest; an extra takes its reference where its
+        conditioning does not reach (``outside_as_reference``), on rebuilt evaluations where it last reached.
         Returns ``(primary, uncond, extras)``, the extras for ``plan.extras``."""
-        made = dict(zip(plan.predict_extras, extras))
-        if not self.rule.caches_negatives or state is None:
-            return primary, uncond, [made[i] for i in plan.extras]
-        rule = self.rule
-        values = {"primary": primary, "uncond": uncond, **made}
-        for key in plan.needed:
-            if key in plan.reused:
-                values[key] = rule.rebuild(state, key, pos, sigma)
-            else:
-                rule.remember(state, key, pos, values[key], sigma)
-        return values.get("primary"), values.get("uncond"), [values[i] for i in plan.extras]
+        values = dict(predicted)
+        cover = {i: covered(values[i]) for i in plan.extras if plan.of(i) == "predicted"}
+        cache = self.nesting.cache
+        if cache is not None and state is not None:
+            state["now"] = call_index
+            for key in plan.needed:
+                if plan.of(key) == "rebuilt":
+                    values[key] = cache.rebuild(state, key, pos, sigma)
+                    cover[key] = state["cover"].get(key) if isinstance(key, int) else None
+                else:
+                    cache.remember(state, key, pos, values[key], sigma)
+                    if isinstance(key, int):
+                        state["cover"][key] = cover[key]
+        reference = _pick(plan.reference, pos, values.get("primary"), values.get("uncond")) if plan.extras else None
+        extras = [values[i] if cover.get(i) is None else torch.where(cover[i], values[i], reference) for i in plan.extras]
+        return values.get("primary"), values.get("uncond"), extras
 
 
 def _pick(role: Role | None, pos, primary, uncond) -> torch.Tensor:
@@ -121,15 +132,11 @@ def _pick(role: Role | None, pos, primary, uncond) -> torch.Tensor:
     return chosen
 
 
-def outside_as_reference(prediction: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """An extra negative's prediction with its reference where the host predicted nothing.
-
-    Where no entry of a conditioning reaches (a mask or an area that leaves part of the latent out)
-    the host's prediction is exactly zero in every channel; a NOT term measured from zero would push
-    that region by ``w * D_ref``. There the negative is taken to say nothing: its term is zero.
-    """
-    covered = (prediction != 0).any(dim=1, keepdim=True)
-    return torch.where(covered, prediction, reference)
+def covered(prediction: torch.Tensor) -> torch.Tensor:
+    """Where a conditioning reaches: the host predicts exactly zero in every channel where no entry of it does
+    (a mask or an area that leaves part of the latent out). There an extra negative says nothing: it takes its
+    reference's prediction, so its NOT term is zero."""
+    return (prediction != 0).any(dim=1, keepdim=True)
 
 
 def negative_for(plan: StepPlan, pos, primary=None, uncond=None) -> torch.Tensor:
@@ -163,8 +170,6 @@ def combine_step(
     """
     if len(extras) != len(plan.extras):
         raise ValueError(f"the plan has {len(plan.extras)} active extra negatives, got {len(extras)} predictions")
-    if plan.negative == "positive" and not plan.extras:
-        return pos
     if neg is None:
         neg = negative_for(plan, pos, primary, uncond)
     weights = [spec.extras[i].weight for i in plan.extras]

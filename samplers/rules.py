@@ -307,12 +307,13 @@ class DynamicState(TypedDict):
 
 class CacheState(TypedDict):
     """A cached negative over one run: the inner rule's state, each branch's cached noise-space
-    difference (``diff``, a tensor or a (low, high) pair), the evaluation it was cached at (``at``) and
-    the current evaluation (``now``)."""
+    difference (``diff``, a tensor or a (low, high) pair), the evaluation it was cached at (``at``), where
+    each extra's conditioning reached then (``cover``) and the current evaluation (``now``)."""
 
     inner: RunState
     diff: dict
     at: dict
+    cover: dict
     now: int
 
 
@@ -339,8 +340,8 @@ class Rule(abc.ABC):
     def new_state(self) -> RunState:
         return None
 
-    def guidance_off(self, sigma: float | None, call_index: int) -> bool:
-        """Whether this model evaluation predicts the positive alone."""
+    def skips(self, sigma: float | None, call_index: int) -> bool:
+        """Whether this rule itself turns guidance off at this model evaluation (its inner rules aside)."""
         return False
 
     def fit(self, sigma_min: float, sigma_max: float) -> Fit:
@@ -350,12 +351,18 @@ class Rule(abc.ABC):
 
     @abc.abstractmethod
     def combine(self, s: StepInputs, state: RunState) -> torch.Tensor:
-        """The guided prediction of one step (denoised space)."""
+        """The guided prediction of one model evaluation (denoised space); called on every evaluation, those
+        without guidance included (``s.negative_role == "positive"``), so that state follows the run."""
+
+
+def main_term(s: StepInputs, guided) -> torch.Tensor:
+    """``guided()``, the rule's main term, where a negative plays in it; ``D_pos`` exactly where none does."""
+    return s.pos if s.negative_role == "positive" else guided()
 
 
 def plain_combine(s: StepInputs) -> torch.Tensor:
     """CFG on the main pair, then Composable Diffusion's NOT terms for the extra negatives."""
-    return composable_not(cfg(s.pos, s.neg, s.scale), s.extras, s.extra_weights, s.reference)
+    return composable_not(main_term(s, lambda: cfg(s.pos, s.neg, s.scale)), s.extras, s.extra_weights, s.reference)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -383,9 +390,11 @@ class PerpNeg(Rule):
         number("neg_scale", self.neg_scale, 0.0, 100.0)
 
     def combine(self, s: StepInputs, state: RunState) -> torch.Tensor:
-        negatives = [s.neg, *s.extras]
-        weights = [s.scale * self.neg_scale, *s.extra_weights]
-        return perp_neg(s.pos, s.uncond, negatives, weights, s.scale)
+        if s.uncond is None:  # a skipped evaluation predicts the positive alone
+            return composable_not(s.pos, s.extras, s.extra_weights, s.reference)
+        main = [] if s.negative_role == "positive" else [s.neg]
+        weights = [s.scale * self.neg_scale] * len(main) + list(s.extra_weights)
+        return perp_neg(s.pos, s.uncond, [*main, *s.extras], weights, s.scale)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -394,7 +403,8 @@ class APG(Rule):
 
     Defaults follow the paper: eta = 0 (drop the parallel part), momentum beta = -0.5, and the
     norm threshold r = 15 (diffusers' default; the paper tunes r per model). Momentum is updated
-    at every model evaluation of one run and starts empty at the next run."""
+    at every model evaluation of one run whose main term has a negative, carried unchanged over those
+    without one (as diffusers' guider keeps its buffer while guidance is off), and starts empty at the next run."""
 
     eta: float = 0.0
     norm_threshold: float = 15.0
@@ -411,8 +421,10 @@ class APG(Rule):
         return {"running": None}
 
     def combine(self, s: StepInputs, state: APGState) -> torch.Tensor:
-        guided, state["running"] = apg(s.pos, s.neg, s.scale, self.eta, self.norm_threshold, self.momentum,
-                                       state["running"])
+        guided = s.pos
+        if s.negative_role != "positive":
+            guided, state["running"] = apg(s.pos, s.neg, s.scale, self.eta, self.norm_threshold, self.momentum,
+                                           state["running"])
         return composable_not(guided, s.extras, s.extra_weights, s.reference)
 
 
@@ -432,6 +444,8 @@ class Rescale(Rule):
         number("phi", self.phi, 0.0, 1.0)
 
     def combine(self, s: StepInputs, state: RunState) -> torch.Tensor:
+        if s.negative_role == "positive" and not s.extras:
+            return s.pos
         guided = plain_combine(s)
         if s.flow:  # the model's own prediction, the velocity, is (x - D) / sigma; std ratios ignore the 1/sigma
             return s.x - rescale(to_noise(s.x, guided), to_noise(s.x, s.pos), self.phi)
@@ -444,8 +458,9 @@ class CFGZeroStar(Rule):
     """CFG-Zero* (Fan et al. 2025): optimised scale in the noise direction ``x - D`` and zero-init.
 
     The first ``zero_init_steps`` steps of the schedule return ``D = x`` (zero velocity: the
-    sampler does not move), as the authors' code does for step 0 by default. On eps models the
-    noise direction is sigma * epsilon and the same formula applies to epsilon."""
+    sampler does not move), as the authors' code does for step 0 by default, whether or not a negative
+    acts on those steps. On eps models the noise direction is sigma * epsilon and the same formula
+    applies to epsilon."""
 
     zero_init_steps: int = 1
     name = "CFG-Zero*"
@@ -455,8 +470,8 @@ class CFGZeroStar(Rule):
         number("zero_init_steps", self.zero_init_steps, 0, 1000, whole=True)
 
     def combine(self, s: StepInputs, state: RunState) -> torch.Tensor:
-        noise = cfg_zero_star(to_noise(s.x, s.pos), to_noise(s.x, s.neg), s.scale)
-        guided = composable_not(s.x - noise, s.extras, s.extra_weights, s.reference)
+        main = main_term(s, lambda: s.x - cfg_zero_star(to_noise(s.x, s.pos), to_noise(s.x, s.neg), s.scale))
+        guided = composable_not(main, s.extras, s.extra_weights, s.reference)
         if self.zero_init_steps == 0 or s.sample_sigmas is None or len(s.sample_sigmas) < 2:
             return guided
         last = s.sample_sigmas[min(self.zero_init_steps, len(s.sample_sigmas) - 1) - 1]
@@ -519,7 +534,7 @@ class MinSigma(_Skipping):
         number("min_sigma", self.min_sigma, 0.0, 1e4)
         super().__post_init__()
 
-    def guidance_off(self, sigma: float | None, call_index: int) -> bool:
+    def skips(self, sigma: float | None, call_index: int) -> bool:
         if self.min_sigma <= 0.0 or sigma is None or not sigma < self.min_sigma:
             return False
         return self.all_steps or call_index % 2 == 1
@@ -546,7 +561,7 @@ class GuidanceInterval(_Skipping):
         if self.sigma_low >= self.sigma_high:
             raise ParameterError("sigma_low", f"must be below sigma_high ({self.sigma_high})", repr(self.sigma_low))
 
-    def guidance_off(self, sigma: float | None, call_index: int) -> bool:
+    def skips(self, sigma: float | None, call_index: int) -> bool:
         return sigma is not None and not (self.sigma_low < sigma <= self.sigma_high)
 
     def fit(self, sigma_min: float, sigma_max: float) -> Fit:
@@ -584,22 +599,12 @@ class CachedNegative(_Wrapping):
         number("high_growth", self.high_growth, 0.0, 10.0)
         _check_inner(self.inner, "must not be another cached negative")
 
-    @property
-    def reads_sigma(self):
-        return self._rule.reads_sigma
-
-    def guidance_off(self, sigma: float | None, call_index: int) -> bool:
-        return self._rule.guidance_off(sigma, call_index)
-
-    def fit(self, sigma_min: float, sigma_max: float) -> Fit:
-        return self._rule.fit(sigma_min, sigma_max)
-
     def reuses(self, call_index: int) -> bool:
         """Whether this model evaluation rebuilds the negatives instead of predicting them."""
         return self.every > 1 and call_index >= self.full_start and (call_index - self.full_start) % self.every != 0
 
     def new_state(self) -> CacheState:
-        return {"inner": self._rule.new_state(), "diff": {}, "at": {}, "now": 0}
+        return {"inner": self._rule.new_state(), "diff": {}, "at": {}, "cover": {}, "now": 0}
 
     def combine(self, s: StepInputs, state: CacheState) -> torch.Tensor:
         return self._rule.combine(s, state["inner"])
@@ -635,6 +640,41 @@ def split_bands(t: torch.Tensor, cutoff: float) -> tuple:
     return low, t - low
 
 
+@dataclass(frozen=True)
+class Nesting:
+    """A rule with its inner rules laid flat: every skipping rule on the way in, the cached negative (at most one,
+    outermost) and the innermost rule, which combines. See docs/internals.md, "Rules inside rules"."""
+
+    skipping: tuple[Rule, ...]
+    cache: CachedNegative | None
+    combiner: Rule
+
+    @property
+    def reads_sigma(self) -> bool:
+        return any(r.reads_sigma for r in self.skipping) or self.combiner.reads_sigma
+
+    def guidance_off(self, sigma: float | None, call_index: int) -> bool:
+        """Whether any skipping rule of the nesting turns this model evaluation's guidance off."""
+        return any(r.skips(sigma, call_index) for r in self.skipping)
+
+    def fit(self, sigma_min: float, sigma_max: float) -> Fit:
+        """"never" if one skipping rule never guides on the model, else "everywhere" if one skips the whole range."""
+        fits = {r.fit(sigma_min, sigma_max) for r in self.skipping}
+        return "never" if "never" in fits else ("everywhere" if "everywhere" in fits else "ok")
+
+
+def nest(rule: Rule) -> Nesting:
+    """Lay a rule and its inner rules flat (the one place nesting is resolved)."""
+    skipping, cache = [], None
+    while isinstance(rule, _Wrapping):
+        if rule.caches_negatives:
+            cache = rule
+        else:
+            skipping.append(rule)
+        rule = rule._rule
+    return Nesting(tuple(skipping), cache, rule)
+
+
 @dataclass(frozen=True, kw_only=True)
 class DynamicNegative(Rule):
     """Dynamic Negative Guidance (Koulischer et al., ICLR 2025) with a positive prompt.
@@ -647,7 +687,8 @@ class DynamicNegative(Rule):
     negatives add plain NOT terms. Defaults: scale 20 and prior 0.01, within the values reported
     for the paper's Stable Diffusion runs; temperature 1 and offset 0 (plain Bayes' rule) and p in
     [1e-6, 0.99], the authors' code defaults. ``prior`` is the share of samples that show the
-    concept without the negative: the posterior is only calibrated when it is."""
+    concept without the negative: the posterior is only calibrated when it is. On an evaluation without the
+    main negative the posterior is kept and its tracking restarts at the next one that has it."""
 
     scale: float = 20.0
     prior: float = 0.01
@@ -673,8 +714,8 @@ class DynamicNegative(Rule):
         return {"p": None, "prev": None}
 
     def combine(self, s: StepInputs, state: DynamicState) -> torch.Tensor:
-        base = cfg(s.pos, s.uncond, s.scale)
-        if s.negative_role != "primary":
+        base = s.pos if s.uncond is None else cfg(s.pos, s.uncond, s.scale)
+        if s.negative_role != "primary":  # no evidence on this evaluation; the next transition starts afresh
             state["prev"] = None
             return composable_not(base, s.extras, s.extra_weights, s.reference)
         p = state["p"]

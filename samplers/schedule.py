@@ -9,7 +9,6 @@ is a closed sigma interval ``[sigma_end, sigma_start]`` and the rule for "active
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -21,6 +20,8 @@ sampler's negative, the unconditional branch, or the positive itself (no guidanc
 ROLES = get_args(Role)
 Branch = Literal["primary", "uncond"] | int
 """A branch besides the positive: the primary negative, the unconditional one, or an extra's index."""
+Status = Literal["predicted", "rebuilt", "absent"]
+STATUSES = get_args(Status)
 
 
 @dataclass(frozen=True)
@@ -62,93 +63,48 @@ def is_full_window(start_percent: float, end_percent: float) -> bool:
 
 @dataclass(frozen=True)
 class StepPlan:
-    """Which branches one step predicts, and what plays each role in the combine.
+    """Which branches one model evaluation has, and what plays each role in the combine.
 
-    ``negative`` names the prediction used as the primary negative: ``"primary"`` (the sampler's
-    negative), ``"uncond"`` (the unconditional fallback, outside the primary window) or
-    ``"positive"`` (no guidance from the primary term: the step moves along the positive alone).
-    ``reference`` is the D_ref of the extra negatives' NOT terms (``None`` when none is active).
-    ``reused`` names the needed branches rebuilt from a cache instead of predicted (``"primary"``,
-    ``"uncond"``, an extra's index); see ``rules.CachedNegative``.
+    ``status`` gives every branch besides the positive (``"primary"``, ``"uncond"``, each extra's index)
+    one status: ``"predicted"`` by the model, ``"rebuilt"`` from a cache (``rules.CachedNegative``), or
+    ``"absent"``. ``negative`` names what plays the main negative: ``"primary"`` (the sampler's negative),
+    ``"uncond"`` (the unconditional prompt, outside the main window) or ``"positive"`` (no main term: the
+    step moves along the positive). ``reference`` is the D_ref of the extras' NOT terms (``None`` when no
+    extra is active). The meaning of each case is docs/internals.md, "What a step computes".
     """
 
-    primary: bool
-    uncond: bool
-    extras: tuple[int, ...]
+    status: dict
     negative: Role
     reference: Role | None
-    reused: tuple[Branch, ...] = ()
 
     def __post_init__(self):
         if self.negative not in ROLES or (self.reference is not None and self.reference not in ROLES):
             raise ValueError(f"a step plan's roles are {ROLES}, got {self.negative!r} and {self.reference!r}")
+        if any(v not in STATUSES for v in self.status.values()):
+            raise ValueError(f"a branch's status is one of {STATUSES}, got {self.status}")
+        for role in (self.negative, self.reference):
+            if role not in (None, "positive") and self.of(role) == "absent":
+                raise ValueError(f"the plan gives the {role} branch a role but does not have it")
+        if self.extras and self.reference is None:
+            raise ValueError("active extra negatives need a reference")
+
+    def of(self, branch: Branch) -> Status:
+        return self.status.get(branch, "absent")
+
+    def having(self, *statuses: Status) -> tuple:
+        return tuple(k for k, v in self.status.items() if v in statuses)
 
     @property
     def needed(self) -> tuple:
-        """Every branch the combine needs besides the positive: ``"primary"``, ``"uncond"``, extra indices."""
-        return (("primary",) if self.primary else ()) + (("uncond",) if self.uncond else ()) + self.extras
+        """Every branch the combine uses besides the positive, predicted or rebuilt."""
+        return self.having("predicted", "rebuilt")
 
     @property
-    def predict_primary(self) -> bool:
-        return self.primary and "primary" not in self.reused
-
-    @property
-    def predict_uncond(self) -> bool:
-        return self.uncond and "uncond" not in self.reused
-
-    @property
-    def predict_extras(self) -> tuple:
-        return tuple(i for i in self.extras if i not in self.reused)
+    def extras(self) -> tuple[int, ...]:
+        """The active extra negatives, in the spec's order."""
+        return tuple(k for k in self.needed if isinstance(k, int))
 
     @property
     def branches(self) -> int:
-        """Model branches this step costs, the positive included (a reused branch costs none)."""
-        return 1 + int(self.predict_primary) + int(self.predict_uncond) + len(self.predict_extras)
-
-
-def plan_step(
-    sigma: float | None,
-    primary_window: SigmaWindow,
-    extra_windows: Sequence[SigmaWindow],
-    *,
-    has_primary: bool = True,
-    has_uncond: bool = False,
-    primary_term_needed: bool = True,
-    keep_primary: bool = False,
-    skip: Sequence[bool] = (),
-    guidance_off: bool = False,
-    force_uncond: bool = False,
-) -> StepPlan:
-    """Decide, before the model is called, which branches a step needs.
-
-    - The primary negative is predicted while its window is active and its term matters
-      (``primary_term_needed`` is False at cfg == 1, where ``D_neg + 1*(D_pos - D_neg) = D_pos``),
-      when it is the reference of an active extra negative, or when ``keep_primary`` says another
-      node asked the host for it.
-    - Outside the primary window the unconditional branch stands in for it when one is connected;
-      otherwise the step has no primary guidance (never a zero prediction).
-    - An extra negative is predicted only inside its own window (never when ``skip[i]``).
-    - The reference of the extra negatives is the unconditional branch when connected, else the
-      primary negative.
-    - ``guidance_off`` (a rule's skipped step) predicts the positive alone; ``force_uncond`` (a
-      rule that needs the unconditional branch, e.g. Perp-Neg) predicts it on every guided step.
-    """
-    if guidance_off:
-        return StepPlan(primary=False, uncond=False, extras=(), negative="positive", reference=None)
-    skip = tuple(skip) or (False,) * len(extra_windows)
-    extras = tuple(i for i, w in enumerate(extra_windows) if not skip[i] and w.contains(sigma))
-    primary_active = has_primary and primary_window.contains(sigma)
-
-    reference = None
-    if extras:
-        reference = "uncond" if has_uncond else ("primary" if has_primary else "positive")
-
-    primary = (primary_active and (primary_term_needed or keep_primary)) or reference == "primary"
-    if primary_active and primary:
-        negative = "primary"
-    elif has_uncond and primary_term_needed and not primary_active:
-        negative = "uncond"
-    else:
-        negative = "positive"
-    uncond = negative == "uncond" or reference == "uncond" or (has_uncond and force_uncond)
-    return StepPlan(primary=primary, uncond=uncond, extras=extras, negative=negative, reference=reference)
+        """Model branches this evaluation costs, the positive included (a rebuilt branch costs none)."""
+        return 1 + len(self.having("predicted"))

@@ -284,17 +284,14 @@ def guided_denoiser(run: ToyRun, sample_sigmas: torch.Tensor, images: bool = Fal
     as_image = (lambda t: t.reshape(t.shape[0], 3, IMAGE_SIZE, IMAGE_SIZE)) if images else (lambda t: t)  # noqa: E731
 
     def model(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        plan = spec.plan(sigma, primary_term_needed=not math.isclose(run.cfg, 1.0), call_index=run.evaluations,
-                         state=state)
+        plan = spec.plan(sigma, scale=run.cfg, call_index=run.evaluations, state=state)
         run.evaluations += 1
         run.branches += plan.branches
         sigmas = torch.full((x.shape[0],), sigma, dtype=x.dtype)
         pos = pos_m.denoise(x, sigma)
-        primary, uncond, extras = spec.complete(
-            plan, state, as_image(pos), sigmas,
-            primary=as_image(neg_m.denoise(x, sigma)) if plan.predict_primary else None,
-            uncond=as_image(unc_m.denoise(x, sigma)) if plan.predict_uncond else None,
-            extras=[as_image(extra_m[i].denoise(x, sigma)) for i in plan.predict_extras])
+        models = {"primary": neg_m, "uncond": unc_m, **dict(enumerate(extra_m))}
+        made = {k: as_image(models[k].denoise(x, sigma)) for k in plan.having("predicted")}
+        primary, uncond, extras = spec.complete(plan, state, as_image(pos), sigmas, made, run.evaluations - 1)
         flat = lambda t: None if t is None else t.reshape(x.shape)  # noqa: E731
         primary, uncond, extras = flat(primary), flat(uncond), [flat(e) for e in extras]
         out = engine.combine_step(

@@ -25,11 +25,11 @@ def test_the_plan_reuses_exactly_the_planned_evaluations():
     assert [rule.reuses(i) for i in range(9)] == [False, False, False, True, True, False, True, True, False]
     spec = engine.GuidanceSpec(rule=rule)
     state = rule.new_state()
-    first = spec.plan(5.0, call_index=3, state=state)
-    assert first.reused == () and first.branches == 2  # nothing cached yet: the negative is predicted
+    first = spec.plan(5.0, scale=5.0, call_index=3, state=state)
+    assert first.having("rebuilt") == () and first.branches == 2  # nothing cached yet: the negative is predicted
     state["diff"]["primary"], state["at"]["primary"] = torch.zeros(1, 2), 2
-    reused = spec.plan(5.0, call_index=3, state=state)
-    assert reused.reused == ("primary",) and reused.branches == 1 and reused.negative == "primary"
+    reused = spec.plan(5.0, scale=5.0, call_index=3, state=state)
+    assert reused.having("rebuilt") == ("primary",) and reused.branches == 1 and reused.negative == "primary"
 
 
 def test_a_reused_negative_is_the_positive_minus_the_grown_noise_difference():
@@ -38,11 +38,11 @@ def test_a_reused_negative_is_the_positive_minus_the_grown_noise_difference():
     gen = torch.Generator().manual_seed(0)
     pos0, neg0, pos2 = (torch.randn(2, 4, 3, 3, generator=gen) for _ in range(3))
     sigma0, sigma2 = torch.tensor([2.0, 4.0]), torch.tensor([1.0, 3.0])
-    plan = spec.plan(2.0, call_index=0, state=state)
-    spec.complete(plan, state, pos0, sigma0, primary=neg0)
-    plan = spec.plan(1.0, call_index=2, state=state)
-    assert plan.reused == ("primary",)
-    primary, _, _ = spec.complete(plan, state, pos2, sigma2)
+    plan = spec.plan(2.0, scale=5.0, call_index=0, state=state)
+    spec.complete(plan, state, pos0, sigma0, {"primary": neg0}, 0)
+    plan = spec.plan(1.0, scale=5.0, call_index=2, state=state)
+    assert plan.having("rebuilt") == ("primary",)
+    primary, _, _ = spec.complete(plan, state, pos2, sigma2, {}, 2)
     d = (pos0 - neg0) / sigma0.reshape(-1, 1, 1, 1)  # eps_neg - eps_pos, per sample
     torch.testing.assert_close(primary, pos2 - sigma2.reshape(-1, 1, 1, 1) * 1.5 ** 2 * d)
 

@@ -184,7 +184,7 @@ def _run(rule, x, pos, neg, unc, ext, sigmas=(4.0, 2.0, 1.0)):
     state, out = rule.new_state(), None
     sample_sigmas = torch.tensor([*sigmas, 0.0])
     for i, sigma in enumerate(sigmas):
-        plan = spec.plan(sigma, call_index=i)
+        plan = spec.plan(sigma, scale=7.0, call_index=i)
         out = engine.combine_step(
             spec, plan, state, scale=7.0, pos=pos, primary=neg, uncond=unc,
             extras=[ext] * len(plan.extras), x=x, sigma=torch.full((x.shape[0],), sigma, dtype=x.dtype),
@@ -261,11 +261,11 @@ def test_min_sigma_skips_as_a1111_does():
     sigmas = [14.6, 8.0, 4.0, 2.0, 1.5, 0.9, 0.5, 0.2, 0.1]
     for all_steps in (False, True):
         spec = engine.GuidanceSpec(rule=rules.MinSigma(min_sigma=1.6, all_steps=all_steps))
-        got = [spec.plan(s, call_index=i).branches for i, s in enumerate(sigmas)]
+        got = [spec.plan(s, scale=5.0, call_index=i).branches for i, s in enumerate(sigmas)]
         a1111 = [1 if ((i % 2 or all_steps) and 1.6 > 0 and s < 1.6) else 2 for i, s in enumerate(sigmas)]
         assert got == a1111
 
 
 def test_guidance_interval_is_open_below_and_closed_above():
     spec = engine.GuidanceSpec(rule=rules.GuidanceInterval(sigma_low=0.28, sigma_high=5.42))
-    assert [spec.plan(s).branches for s in (14.6, 5.42, 1.0, 0.28, 0.1)] == [1, 2, 2, 1, 1]
+    assert [spec.plan(s, scale=5.0).branches for s in (14.6, 5.42, 1.0, 0.28, 0.1)] == [1, 2, 2, 1, 1]
