@@ -71,8 +71,11 @@ class ToyDenoiser(torch.nn.Module):
         return pooled[:, 0, 1:].clamp_min(0.0)
 
     def forward(self, x, timesteps, context=None, y=None, control=None, transformer_options={}, **kwargs):
-        sigmas = transformer_options.get("sigmas")
-        sigma = sigmas.to(x) if sigmas is not None and sigmas.shape[0] == x.shape[0] else self.sigma_of(timesteps).to(x)
+        sigmas = transformer_options.get("sigmas")  # one per latent sample; a batched call tiles the latent batch
+        if sigmas is not None and x.shape[0] % sigmas.shape[0] == 0:
+            sigma = sigmas.to(x).repeat(x.shape[0] // sigmas.shape[0])
+        else:
+            sigma = self.sigma_of(timesteps).to(x)
         weights = self.concept_weights(context.to(x.dtype), transformer_options)
         return toy.picture_denoise(x, sigma, weights, self.templates(x.shape[-2], x.shape[-1], x.device),
                                    halves=self.halves)
