@@ -4,6 +4,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
+import families  # noqa: E402,F401
 from tiny import (  # noqa: E402,F401
     UNET_CONFIG,
     cond,
