@@ -121,7 +121,7 @@ class _OuterSample:
         check_sampler_prompts(self.request, guider.model_patcher, guider.original_conds)
         model_sampling = guider.model_patcher.get_model_object("model_sampling")
         spec = dataclasses.replace(resolve_spec(self.request, model_sampling),
-                                   has_primary=guider.conds.get("negative") is not None)
+                                   sampler_negative=guider.conds.get("negative") is not None)
         added = {}
         for i, entry in enumerate(self.request.extras):
             if entry.weight != 0.0:  # a zero weight is never planned: nothing for the host to prepare

@@ -52,7 +52,7 @@ class GuidanceSpec:
     has_uncond: bool = False
     rule: rules.Rule = field(default_factory=rules.CFG)
     flow: bool = False  # the model is a flow-matching one (rules that leave denoised space need to know)
-    has_primary: bool = True  # the sampler has a negative prompt of its own
+    sampler_negative: bool = True  # the sampler has a negative prompt of its own
 
     def __post_init__(self):
         if self.rule.needs_uncond and not self.has_uncond:
@@ -77,14 +77,14 @@ class GuidanceSpec:
         (docs/internals.md, "What a step computes"). ``asked`` names the branches another node made the host
         predict (the sampler's negative at cfg 1); with a cached negative and its run ``state``, the branches it
         can rebuild are marked rebuilt."""
-        if self.nesting.guidance_off(sigma, call_index):
+        if self.nesting.skipped(sigma, call_index):
             return StepPlan(status={}, negative="positive", reference=None)
         extras = tuple(i for i, e in enumerate(self.extras) if e.weight != 0.0 and e.window.contains(sigma))
-        primary_on = self.has_primary and self.primary_window.contains(sigma)
+        primary_on = self.sampler_negative and self.primary_window.contains(sigma)
         main_term = not math.isclose(scale, 1.0)  # D_neg + 1 * (D_pos - D_neg) = D_pos: at cfg 1 the main term is the positive
         reference = None
         if extras:
-            reference = "uncond" if self.has_uncond else ("primary" if self.has_primary else "positive")
+            reference = "uncond" if self.has_uncond else ("primary" if self.sampler_negative else "positive")
         primary = (primary_on and (main_term or "primary" in asked)) or reference == "primary"
         if primary_on and primary:
             negative = "primary"

@@ -653,7 +653,7 @@ class Nesting:
     def reads_sigma(self) -> bool:
         return any(r.reads_sigma for r in self.skipping) or self.combiner.reads_sigma
 
-    def guidance_off(self, sigma: float | None, call_index: int) -> bool:
+    def skipped(self, sigma: float | None, call_index: int) -> bool:
         """Whether any skipping rule of the nesting turns this model evaluation's guidance off."""
         return any(r.skips(sigma, call_index) for r in self.skipping)
 

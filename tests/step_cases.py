@@ -33,15 +33,16 @@ def to_spec(combo: Combo) -> engine.GuidanceSpec:
     return engine.GuidanceSpec(
         primary_window=SigmaWindow(*combo.window),
         extras=tuple(engine.ExtraNegative(e.weight, SigmaWindow(*e.window)) for e in combo.extras),
-        has_uncond=combo.uncond, rule=to_rule(combo.rule), flow=combo.flow, has_primary=combo.has_primary,
+        has_uncond=combo.uncond, rule=to_rule(combo.rule), flow=combo.flow,
+        sampler_negative=combo.sampler_negative,
     )
 
 
 class EngineRun:
     """The engine driven as the host glue drives it: plan, predict the planned branches, complete, combine."""
 
-    def __init__(self, combo: Combo):
-        self.combo, self.spec = combo, to_spec(combo)
+    def __init__(self, combo: Combo, spec: engine.GuidanceSpec | None = None):
+        self.combo, self.spec = combo, spec or to_spec(combo)
         self.state = self.spec.rule.new_state()
         self.n = 0
 
@@ -173,7 +174,7 @@ def cases(draw, dtype=None):
         extras.append(ExtraDesc(weight, _window(draw, points), mask))
     combo = Combo(
         scale=draw(st.sampled_from([1.0, 0.0, 2.5, 7.0])), rule=rule, window=_window(draw, points),
-        has_primary=draw(st.sampled_from([True, True, True, False])),
+        sampler_negative=draw(st.sampled_from([True, True, True, False])),
         uncond=draw(st.booleans()) or combiner.kind in ("perp_neg", "dynamic"),
         extras=extras, asked=draw(st.booleans()), flow=flow,
     )
@@ -201,7 +202,7 @@ def features(case: Case, second_order: bool) -> list:
     out += ["cached negative"] if cache is not None else []
     out += ["skipping in the cached negative"] if cache is not None and skipping else []
     out += ["cfg 1"] if math.isclose(c.scale, 1.0) else []
-    out += ["no sampler negative"] if not c.has_primary else []
+    out += ["no sampler negative"] if not c.sampler_negative else []
     out += ["flow model"] if c.flow else []
     out += ["second order"] if second_order else []
     out += ["float32"] if case.dtype == torch.float32 else []

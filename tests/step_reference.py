@@ -40,7 +40,7 @@ class Combo:
     scale: float
     rule: RuleDesc = field(default_factory=RuleDesc)
     window: tuple = ALWAYS
-    has_primary: bool = True
+    sampler_negative: bool = True
     uncond: bool = False
     extras: list = field(default_factory=list)
     asked: bool = False  # another node made the host predict the sampler's negative at cfg 1
@@ -102,9 +102,9 @@ class Reference:
         active = [i for i, e in enumerate(c.extras) if e.weight != 0 and inside(e.window, sigma)]
         ref = None
         if active:
-            ref = "uncond" if c.uncond else ("primary" if c.has_primary else "positive")
+            ref = "uncond" if c.uncond else ("primary" if c.sampler_negative else "positive")
         main = not math.isclose(c.scale, 1.0)
-        on = c.has_primary and inside(c.window, sigma)
+        on = c.sampler_negative and inside(c.window, sigma)
         n_predicted = (on and (main or c.asked)) or ref == "primary"
         if on and n_predicted:
             negative = "primary"

@@ -28,8 +28,8 @@ def test_the_plan_reuses_exactly_the_planned_evaluations():
     first = spec.plan(5.0, scale=5.0, call_index=3, state=state)
     assert first.having("rebuilt") == () and first.branches == 2  # nothing cached yet: the negative is predicted
     state["diff"]["primary"], state["at"]["primary"] = torch.zeros(1, 2), 2
-    reused = spec.plan(5.0, scale=5.0, call_index=3, state=state)
-    assert reused.having("rebuilt") == ("primary",) and reused.branches == 1 and reused.negative == "primary"
+    rebuilt = spec.plan(5.0, scale=5.0, call_index=3, state=state)
+    assert rebuilt.having("rebuilt") == ("primary",) and rebuilt.branches == 1 and rebuilt.negative == "primary"
 
 
 def test_a_reused_negative_is_the_positive_minus_the_grown_noise_difference():

@@ -48,6 +48,18 @@ def ksampler(host_nodes, model, cfg=7.0, steps=4, sampler="euler"):
 # ---------------------------------------------------------------------------- Perp-Neg
 
 
+@pytest.mark.parametrize("scale", [0.0, 1.0, 2.5, 7.5])
+def test_cfg_is_the_hosts_cfg_function_bit_for_bit(host, scale):
+    """``rules.cfg`` against ComfyUI's own ``cfg_function`` with no cfg hook: the same bits, in every dtype."""
+    import comfy.samplers
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        gen = torch.Generator().manual_seed(int(scale * 10))
+        pos, neg, x = (torch.randn(2, 4, 8, 8, generator=gen).to(dtype) for _ in range(3))
+        host_out = comfy.samplers.cfg_function(None, pos, neg, scale, x, torch.ones(2), model_options={})
+        assert torch.equal(rules.cfg(pos, neg, scale), host_out), dtype
+
+
 def test_perp_neg_matches_comfyui_on_one_sample_and_not_on_a_batch(host):
     perpneg = importlib.import_module("comfy_extras.nodes_perpneg")
     x = rand(1, 4, 8, 8, seed=0)

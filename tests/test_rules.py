@@ -11,6 +11,8 @@ from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normal
 from diffusers.guiders.guider_utils import rescale_noise_cfg
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from step_cases import Case, EngineRun, Models, to_spec, xs
+from step_reference import Combo, Reference, RuleDesc
 
 from negative_guidance_pack.samplers import engine, rules
 
@@ -212,10 +214,28 @@ def test_rules_treat_each_sample_alone(rule):
         close(both[i:i + 1], alone, tol=1e-4)
 
 
-@pytest.mark.parametrize("rule", _all_rules(), ids=lambda r: r.name)
-def test_stateful_rules_repeat_exactly(rule):
-    inputs = _inputs((2, 4, 8, 8), torch.float32)
-    assert torch.equal(_run(rule, *inputs), _run(rule, *inputs))
+STATEFUL = {
+    "apg": RuleDesc("apg", {"momentum": 0.5}),
+    "dynamic": RuleDesc("dynamic", {"temperature": 0.0, "offset": 0.01}),
+    "cfg_zero_star": RuleDesc("cfg_zero_star", {"zero_init_steps": 2}),
+    "cached apg": RuleDesc("cached", {"every": 2, "full_start": 1}, RuleDesc("apg", {"momentum": -0.5})),
+}
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_one_rule_object_serves_many_runs_each_as_the_step_reference(name):
+    """State lives in the run, not in the rule: one rule object, three runs in a row on different inputs (the
+    middle one on a batch of another size), each equal to a fresh reference run."""
+    schedule = [14.6, 5.0, 2.0, 0.8, 0.3, 0.0]
+    combo = Combo(4.0, STATEFUL[name], window=(math.inf, 1.0), uncond=True)
+    spec = to_spec(combo)
+    for seed, shape in ((1, (2, 3, 4, 4)), (2, (3, 3, 4, 4)), (3, (2, 3, 4, 4))):
+        case = Case(combo, schedule[:-1], schedule, shape=shape, seed=seed)
+        models, ours, ref = Models(case), EngineRun(combo, spec), Reference(combo)
+        for x, sigma in zip(xs(case), case.sigmas):
+            got, _ = ours.evaluate(x, sigma, torch.tensor(schedule, dtype=x.dtype), models.predict(x, sigma))
+            want, _ = ref.evaluate(x, sigma, torch.tensor(schedule, dtype=x.dtype), models.predict(x, sigma))
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 finite = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_infinity=False, width=32)
