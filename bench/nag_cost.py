@@ -13,7 +13,7 @@ Two measurements, both in one run:
 
 The host runs with PyTorch's attention (``--use-pytorch-cross-attention``, its default on a GPU).
 
-    .venv/bin/python bench/nag_cost.py [--rounds 5] [--only tiny,real]
+    .venv/0.8.0/bin/python bench/nag_cost.py [--rounds 5] [--only tiny,real]
 """
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ def run(batch: int, out: Path) -> list:
     comfy_host.load_pack()
     from negative_guidance_pack.samplers import toy
 
-    host = comfy_host.ensure(comfy_host.HOST)
+    host = comfy_host.ensure(comfy_host.host())
     rows = []
     with tempfile.TemporaryDirectory(prefix="negative_guidance_demo_") as base:
         started = time.time()

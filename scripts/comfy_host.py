@@ -1,19 +1,22 @@
 """Find or make the ComfyUI the pack is tested against, and the reference code tests load as oracles.
 
 The one lookup every script, test and benchmark uses (standard library only, so the test command
-can call it before any virtual environment exists). A source is found, in this order:
+can call it before any virtual environment exists). The host is one of the tested releases
+(:data:`TESTED`), the one ``COMFYUI_VERSION`` names or else the newest. A source is found, in this order:
 
-1. the folder an environment variable names (``COMFYUI_PATH`` for the host): a user's own checkout;
-2. a copy made earlier inside the repository, under ``.host/`` (git-ignored);
-3. the source archive beside the repository (``../shared/host/ComfyUI-0.3.64.tar.gz`` for the host,
-   or the file ``COMFYUI_ARCHIVE`` names), checked against its ``.sha256`` before it is unpacked
-   into ``.host/``;
+1. the folder an environment variable names (``COMFYUI_PATH`` for the host): a user's own checkout,
+   which must be the release asked for;
+2. a copy made earlier inside the repository, under ``.host/`` (git-ignored; ``.host/ComfyUI-<version>``);
+3. its source archive in the folder a variable names (``COMFYUI_ARCHIVE_DIR`` for the host,
+   ``NEGATIVE_GUIDANCE_ORACLES`` for the oracles; or the file ``COMFYUI_ARCHIVE`` names), checked
+   against its ``.sha256`` before it is unpacked into ``.host/``;
 4. ``git clone --depth 1 --branch <tag>`` of the public repository into ``.host/``.
 
 When none works, :class:`HostNotFound` says how to point the lookup at a checkout. Run as a script
-it prints the folder it settled on to stdout and one line naming it to stderr::
+it prints the folder it settled on to stdout and one line naming it to stderr, or the release asked
+for (``version``) or every tested one (``versions``)::
 
-    python scripts/comfy_host.py [host|nag-oracle]
+    python scripts/comfy_host.py [host|nag-oracle|version|versions]
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MADE = ROOT / ".host"
-SHARED = ROOT.parent / "shared"
+TESTED = ("0.3.64", "0.8.0")
+"""The ComfyUI releases the pack is tested on, oldest first; the newest is the default."""
 
 
 class HostNotFound(RuntimeError):
@@ -42,44 +46,62 @@ class Source:
 
     name: str            # what it is, for messages
     env: str             # a variable naming a user's own checkout
-    folder: str          # its folder name, inside archives and under .host/
+    folder: str          # its folder name inside the archive
+    made_as: str         # its folder name under .host/
     marker: str          # a file every real copy has, relative to the folder
-    archive: Path        # the source archive beside the repository
+    archive: str         # the source archive's file name
+    archive_dir_env: str  # a variable naming the folder that holds the archive
     archive_env: str     # a variable naming another copy of that archive
     clone_url: str
     tag: str
     version_file: str = ""   # a file whose text holds the version, for the line printed
-    pinned: str = ""         # the version the pack is tested against
+    pinned: str = ""         # the version asked for
 
     def is_copy(self, path: Path) -> bool:
         return (path / self.marker).is_file()
 
+    def archive_path(self) -> Path | None:
+        """The archive the variables point at, or None when none does."""
+        if os.environ.get(self.archive_env):
+            return Path(os.environ[self.archive_env])
+        folder = os.environ.get(self.archive_dir_env)
+        return Path(folder).expanduser() / self.archive if folder else None
 
-HOST = Source(
-    name="ComfyUI",
-    env="COMFYUI_PATH",
-    folder="ComfyUI",
-    marker="comfy/samplers.py",
-    archive=SHARED / "host" / "ComfyUI-0.3.64.tar.gz",
-    archive_env="COMFYUI_ARCHIVE",
-    clone_url="https://github.com/comfyanonymous/ComfyUI.git",
-    tag="v0.3.64",
-    version_file="comfyui_version.py",
-    pinned="0.3.64",
-)
+
+def host_version() -> str:
+    """The release ``COMFYUI_VERSION`` asks for, the newest tested when unset; an untested one is refused."""
+    version = os.environ.get("COMFYUI_VERSION") or TESTED[-1]
+    if version not in TESTED:
+        raise HostNotFound(f"COMFYUI_VERSION={version} is not a release the pack is tested on; tested: "
+                           f"{', '.join(TESTED)}")
+    return version
+
+
+def host(version: str | None = None) -> Source:
+    """The host at ``version`` (by default the one ``COMFYUI_VERSION`` asks for)."""
+    version = version or host_version()
+    return Source(
+        name="ComfyUI", env="COMFYUI_PATH", folder="ComfyUI", made_as=f"ComfyUI-{version}", marker="comfy/samplers.py",
+        archive=f"ComfyUI-{version}.tar.gz", archive_dir_env="COMFYUI_ARCHIVE_DIR", archive_env="COMFYUI_ARCHIVE",
+        clone_url="https://github.com/comfyanonymous/ComfyUI.git", tag=f"v{version}",
+        version_file="comfyui_version.py", pinned=version,
+    )
+
 
 NAG_ORACLE = Source(
     name="ComfyUI-NAG ef8a641 (reference NAG port, a test oracle)",
     env="NAG_ORACLE_PATH",
     folder="ComfyUI-NAG",
+    made_as="ComfyUI-NAG",
     marker="__init__.py",
-    archive=SHARED / "oracles" / "ComfyUI-NAG-ef8a641.tar.gz",
+    archive="ComfyUI-NAG-ef8a641.tar.gz",
+    archive_dir_env="NEGATIVE_GUIDANCE_ORACLES",
     archive_env="NAG_ORACLE_ARCHIVE",
     clone_url="https://github.com/ChenDarYen/ComfyUI-NAG.git",
     tag="ef8a641be08983cf5f06669f70719b6eecce3c7f",
 )
 
-SOURCES = {"host": HOST, "nag-oracle": NAG_ORACLE}
+SOURCES = {"host": host, "nag-oracle": lambda: NAG_ORACLE}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +114,7 @@ class Found:
         version = _version(self.path, source)
         text = f"{source.name} {version}".strip() + f" at {self.path} ({self.how})"
         if source.pinned and version != source.pinned:
-            text += f"; the pack is tested on {source.pinned}"
+            text += f"; asked for {source.pinned}"
         return text
 
 
@@ -106,24 +128,32 @@ def _version(path: Path, source: Source) -> str:
 
 
 def made_copy(source: Source) -> Path:
-    return MADE / source.folder
+    return MADE / source.made_as
 
 
-def find(source: Source = HOST) -> Found | None:
+def find(source: Source | None = None) -> Found | None:
     """The source the variable names or an earlier copy in ``.host/``; makes nothing."""
+    source = source or host()
     named = os.environ.get(source.env)
     if named:
         path = Path(named).expanduser().resolve()
         if not source.is_copy(path):
             raise HostNotFound(f"{source.env}={named} is not a {source.name} checkout (no {source.marker})")
+        version = _version(path, source)
+        if source.pinned and version and version != source.pinned:
+            raise HostNotFound(
+                f"{source.env}={named} is {source.name} {version}, but COMFYUI_VERSION asks for {source.pinned}: "
+                f"set COMFYUI_VERSION to the checkout's release (tested: {', '.join(TESTED)}) or point {source.env} "
+                f"at a {source.pinned} checkout")
         return Found(path, f"from {source.env}")
     if source.is_copy(made_copy(source)):
         return Found(made_copy(source), "made earlier in .host/")
     return None
 
 
-def ensure(source: Source = HOST, log=None) -> Found:
+def ensure(source: Source | None = None, log=None) -> Found:
     """Find the source, or make it from the archive or a clone; raise :class:`HostNotFound` otherwise."""
+    source = source or host()
     found = find(source)
     if found is not None:
         return found
@@ -136,12 +166,14 @@ def ensure(source: Source = HOST, log=None) -> Found:
     raise HostNotFound(
         f"no {source.name} to test against. Tried:\n  - " + "\n  - ".join(tried)
         + f"\nPoint {source.env} at a checkout (e.g. {source.env}=/path/to/{source.folder} bash scripts/test.sh),"
-        f" or put {source.archive.name} in {source.archive.parent}."
+        f" or {source.archive_dir_env} at a folder holding {source.archive} and its .sha256."
     )
 
 
 def _from_archive(source: Source, log) -> Found:
-    archive = Path(os.environ.get(source.archive_env, source.archive))
+    archive = source.archive_path()
+    if archive is None:
+        raise HostNotFound(f"archive {source.archive}: {source.archive_dir_env} names no folder")
     if not archive.is_file():
         raise HostNotFound(f"archive {archive}: not there")
     expected = _expected_sha256(archive)
@@ -248,7 +280,7 @@ def import_host(cpu: bool = True, pytorch_attention: bool = False) -> Path:
     ``args`` must be set before ``comfy.model_management`` is first imported; the host's ``nodes.py``
     is imported too, so its node classes and custom-node loading are ready.
     """
-    path = str(ensure(HOST).path)
+    path = str(ensure(host()).path)
     if path not in sys.path:
         sys.path.insert(0, path)
     from comfy.cli_args import args
@@ -267,11 +299,17 @@ def import_host(cpu: bool = True, pytorch_attention: bool = False) -> Path:
 
 def main(argv: list[str]) -> int:
     which = argv[0] if argv else "host"
-    if which not in SOURCES:
-        _stderr(f"usage: comfy_host.py [{'|'.join(SOURCES)}]")
+    if which == "versions":
+        sys.stdout.write(" ".join(TESTED) + "\n")
+        return 0
+    if which not in (*SOURCES, "version"):
+        _stderr(f"usage: comfy_host.py [{'|'.join(SOURCES)}|version|versions]")
         return 2
-    source = SOURCES[which]
     try:
+        if which == "version":
+            sys.stdout.write(host_version() + "\n")
+            return 0
+        source = SOURCES[which]()
         found = ensure(source)
     except HostNotFound as why:
         _stderr(f"error: {why}")

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Sourced by scripts/test.sh and scripts/demo.sh: finds or makes the host (scripts/comfy_host.py),
-# then makes .venv with the host's requirements and the test tools, torch pinned to the CPU build.
-# pip runs only when what it would install changed; its output goes to .venv/setup.log, printed on failure.
+# Sourced by scripts/test.sh and scripts/demo.sh: finds or makes the host release COMFYUI_VERSION asks
+# for (the newest tested when unset; scripts/comfy_host.py), then makes .venv/<version> with that host's
+# requirements and the test tools, torch pinned to the CPU build: one venv per release, since each pins its
+# own frontend. pip runs only when what it would install changed; its output goes to .venv/<version>/setup.log,
+# printed on failure.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${NEGATIVE_GUIDANCE_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
+COMFYUI_VERSION="$("$PY" "$ROOT/scripts/comfy_host.py" version)"
+export COMFYUI_VERSION
+VENV="${NEGATIVE_GUIDANCE_VENV:-$ROOT/.venv/$COMFYUI_VERSION}"
 SETUP_LOG="$VENV/setup.log"
 
 # The pack's own test tools; the host's requirements follow, less the torch family: an unpinned torch
