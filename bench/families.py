@@ -15,6 +15,8 @@ refiner), Qwen-Image and Lumina2. ``ALL_FAMILIES`` is both.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -91,6 +93,27 @@ def _clip_vision(gen, tokens, batch, image_tokens=5):
     return {"clip_vision_output": output}
 
 
+PARAMS = {"flux": ("comfy.ldm.flux.model", "FluxParams"), "chroma": ("comfy.ldm.chroma.model", "ChromaParams"),
+          "hunyuan_video": ("comfy.ldm.hunyuan_video.model", "HunyuanVideoParams")}
+# What the host's model detection sets for a checkpoint that has none of these parts (comfy/model_detection.py)
+LATER_FIELDS = {"txt_ids_dims": [], "vec_in_dim": None, "use_cond_type_embedding": False, "vision_in_dim": None,
+                "meanflow_sum": False}
+
+
+def for_this_host(config: dict) -> dict:
+    """``config`` with the fields this host's params dataclass requires beyond the ones written here. Hosts after
+    0.3.64 require more: ``FluxParams.txt_ids_dims`` (the 0.4 line on, so in 0.8.0), ``ChromaParams.txt_ids_dims``
+    and ``vec_in_dim``, ``HunyuanVideoParams.use_cond_type_embedding``, ``vision_in_dim`` and ``meanflow_sum``
+    (0.8.0); each is filled as the host's model detection fills it for a checkpoint without those parts."""
+    where = PARAMS.get(config.get("image_model"))
+    if where is None:
+        return config
+    params = getattr(importlib.import_module(where[0]), where[1])
+    required = {f.name for f in dataclasses.fields(params)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    return {**{k: v for k, v in LATER_FIELDS.items() if k in required - set(config)}, **config}
+
+
 @dataclass(frozen=True)
 class Family:
     """What a test needs to sample one family: its model config, context and pooled widths, latent shape."""
@@ -110,7 +133,7 @@ class Family:
 
     def model(self, seed: int = 0, dtype=torch.float32, device: str = "cpu"):
         """A ModelPatcher around a random model of this family, built by the host's own config class."""
-        return make_random_model(self.config_class, self.unet_config, seed, dtype, device)
+        return make_random_model(self.config_class, for_this_host(self.unet_config), seed, dtype, device)
 
     def cond(self, seed: int, tokens: int = 77, batch: int = 1, **extra) -> list:
         """A random CONDITIONING carrying what this family's text encoders give (pooled vector, guidance)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,10 @@ def temp_dir(host, tmp_path, monkeypatch):
 def run_in_host(node_cls, **inputs):
     """Run a node as the host's executor does (V3 class clone, locked execute, outputs and ui)."""
     execution = importlib.import_module("execution")
+    # the hidden inputs' argument: hidden_inputs up to 0.3.7x, v3_data in 0.8.0 (execution.get_output_data)
+    hidden = "v3_data" if "v3_data" in inspect.signature(execution.get_output_data).parameters else "hidden_inputs"
     output, ui, _, pending = asyncio.run(execution.get_output_data(
-        "test", "1", node_cls, {k: [v] for k, v in inputs.items()}, hidden_inputs={}))
+        "test", "1", node_cls, {k: [v] for k, v in inputs.items()}, **{hidden: {}}))
     assert not pending
     return [o[0] for o in output], ui
 

@@ -158,10 +158,12 @@ def test_a_rerun_with_upstream_outputs_from_the_cache_gives_identical_bytes(serv
         assert "10" not in cached_nodes(back)
         assert visualizer_pixels(server, back) == visualizer_pixels(server, first), (
             "the visualizer drew a different picture from the cached trace")
-    same = run_ok(server, build_prompt(path, seed=11, prefix=f"{tag}_5"))
-    assert cached_nodes(same) >= {"7", "11"} | upstream
-    assert same["outputs"] == back["outputs"]
-    assert saved_latent(server, same) == reference
+    prompt = build_prompt(path, seed=11, prefix=f"{tag}_5")
+    same = run_ok(server, prompt)
+    assert cached_nodes(same) == set(prompt), "an identical prompt ran a node again"
+    if same["outputs"]:  # a host that reports a fully cached prompt's outputs again (0.3.64; 0.8.0 reports none)
+        assert same["outputs"] == back["outputs"]
+        assert saved_latent(server, same) == reference
 
 
 SOAK, MEASURE_AT, LONG_AFTER = 50, 10, 30
