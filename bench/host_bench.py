@@ -16,7 +16,7 @@ baseline:
 7. the cached negative against no negative and full CFG in one run, with a window and extras:
    time, forwards and batch rows per evaluation, and the latent's difference from full CFG.
 
-    .venv/bin/python bench/host_bench.py [--rounds 5] [--only 1,2]
+    .venv/0.8.0/bin/python bench/host_bench.py [--rounds 5] [--only 1,2]
 """
 from __future__ import annotations
 

@@ -28,8 +28,8 @@ def needs_pooled(model) -> bool:
         model.model.encode_adm()
     except KeyError as err:
         return err.args == ("pooled_output",)
-    except Exception:  # other families need other arguments to answer; they read no pooled vector
-        return False
+    except (TypeError, AttributeError, ValueError, IndexError, RuntimeError):
+        return False  # other families need other arguments to answer; they read no pooled vector
     return False
 
 

@@ -130,7 +130,10 @@ def _adapter(model):
     why = refusal(dm)
     if why is not None:
         raise InputError(NODE, "model", f"is a {type(dm).__name__}, which NAG cannot guide: {why}")
-    adapter = adapter_for(dm)
+    try:
+        adapter = adapter_for(dm)
+    except Unsupported as why:
+        raise InputError(NODE, "model", f"is a {type(dm).__name__}, which NAG cannot guide on this ComfyUI: {why}") from None
     if adapter is None:
         raise InputError(
             NODE, "model",

@@ -18,6 +18,7 @@ Each adapter also names what the family needs of the negative, and how many imag
 """
 from __future__ import annotations
 
+import importlib
 import math
 import weakref
 from dataclasses import dataclass
@@ -379,25 +380,43 @@ def refusal(dm) -> str | None:
     return REFUSED.get(type(dm).__name__)
 
 
-def adapter_for(dm) -> Adapter | None:
-    """The adapter of a diffusion model, or None for a family NAG does not know."""
-    from comfy.ldm.chroma.model import Chroma as ChromaModel
-    from comfy.ldm.flux.model import Flux as FluxModel
-    from comfy.ldm.hidream.model import HiDreamImageTransformer2DModel
-    from comfy.ldm.hunyuan_video.model import HunyuanVideo as HunyuanVideoModel
-    from comfy.ldm.lightricks.model import LTXVModel
-    from comfy.ldm.lumina.model import NextDiT
-    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
-    from comfy.ldm.wan.model import WanModel
+FAMILY_CLASSES = (
+    # (module, class, adapter), in the order they are tried: some families subclass others (Chroma, Flux)
+    ("comfy.ldm.modules.diffusionmodules.openaimodel", "UNetModel", UNet),
+    ("comfy.ldm.wan.model", "WanModel", Wan),
+    ("comfy.ldm.lightricks.model", "LTXVModel", LTXV),
+    ("comfy.ldm.chroma.model", "Chroma", Chroma),
+    ("comfy.ldm.flux.model", "Flux", Flux),
+    ("comfy.ldm.modules.diffusionmodules.mmdit", "MMDiT", SD3),
+    ("comfy.ldm.hidream.model", "HiDreamImageTransformer2DModel", HiDream),
+    ("comfy.ldm.hunyuan_video.model", "HunyuanVideo", HunyuanVideo),
+    ("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel", QwenImage),
+    ("comfy.ldm.lumina.model", "NextDiT", Lumina2),
+)
 
+
+def _host_class(module: str, name: str):
+    """A family's model class, or None where this host has no such module or class (one family alone is lost)."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def adapter_for(dm) -> Adapter | None:
+    """The adapter of a diffusion model, or None for a family NAG does not know; a model of a family whose module
+    this host lacks is refused by name."""
     from .toy_model import ToyDenoiser
 
-    for cls, adapter in ((ToyDenoiser, ToyPictures), (UNetModel, UNet), (WanModel, Wan), (LTXVModel, LTXV), (ChromaModel, Chroma),
-                         (FluxModel, Flux), (MMDiT, SD3), (HiDreamImageTransformer2DModel, HiDream),
-                         (HunyuanVideoModel, HunyuanVideo), (QwenImageTransformer2DModel, QwenImage),
-                         (NextDiT, Lumina2)):
+    if isinstance(dm, ToyDenoiser):
+        return ToyPictures()
+    for module, name, adapter in FAMILY_CLASSES:
+        cls = _host_class(module, name)
+        if cls is None:
+            if any(c.__name__ == name for c in type(dm).__mro__):
+                raise Unsupported(f"NAG's {adapter.name} adapter needs {module}.{name}, which this ComfyUI does not "
+                                  "have (moved or renamed in this release)")
+            continue
         if isinstance(dm, cls):
             return adapter()
     return None
