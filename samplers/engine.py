@@ -81,7 +81,7 @@ class GuidanceSpec:
             return StepPlan(status={}, negative="positive", reference=None)
         extras = tuple(i for i, e in enumerate(self.extras) if e.weight != 0.0 and e.window.contains(sigma))
         primary_on = self.sampler_negative and self.primary_window.contains(sigma)
-        main_term = not math.isclose(scale, 1.0)  # D_neg + 1 * (D_pos - D_neg) = D_pos: at cfg 1 the main term is the positive
+        main_term = not math.isclose(scale, 1.0)  # at cfg 1, D_neg + 1 * (D_pos - D_neg) is D_pos
         reference = None
         if extras:
             reference = "uncond" if self.has_uncond else ("primary" if self.sampler_negative else "positive")
@@ -105,7 +105,7 @@ class GuidanceSpec:
                  predicted: dict, call_index: int = 0) -> tuple:
         """The predictions a step's combine needs, from those the model made (``predicted``, by branch): a cached
         negative rebuilds the rebuilt ones and remembers the rest; an extra takes its reference where its
-        conditioning does not reach (``outside_as_reference``), on rebuilt evaluations where it last reached.
+        conditioning does not reach (``covered``), on rebuilt evaluations where it last reached.
         Returns ``(primary, uncond, extras)``, the extras for ``plan.extras``."""
         values = dict(predicted)
         cover = {i: covered(values[i]) for i in plan.extras if plan.of(i) == "predicted"}

@@ -170,7 +170,7 @@ def cases(draw, dtype=None):
         if draw(st.booleans()):
             mask = torch.zeros(h, w, dtype=torch.bool)
             mask[:, : draw(st.integers(0, w - 1)) + 1] = True
-        weight = draw(st.sampled_from([0.0, 1.0, -0.5, 2.5]))
+        weight = draw(st.sampled_from([0.0, 1.0, -0.5, 0.0, 2.5]))  # a zero weight, in a fifth of the draws or more
         extras.append(ExtraDesc(weight, _window(draw, points), mask))
     combo = Combo(
         scale=draw(st.sampled_from([1.0, 0.0, 2.5, 7.0])), rule=rule, window=_window(draw, points),
@@ -191,6 +191,7 @@ def features(case: Case, second_order: bool) -> list:
     c = case.combo
     skipping, cache, combiner = flatten(c.rule)
     out = [f"combiner {combiner.kind}"]
+    out += ["a stateful combiner (APG, dynamic, CFG-Zero*)"] if combiner.kind in ("apg", "dynamic", "cfg_zero_star") else []
     out += ["main window"] if c.window != ALWAYS else []
     out += ["extras"] if c.extras else []
     out += ["an extra's window"] if any(e.window != ALWAYS for e in c.extras) else []
