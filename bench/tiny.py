@@ -77,7 +77,7 @@ def count_forwards(model_patcher):
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max|a - b| / mean|b|: the relative error the issue's 1e-5 bound is about."""
+    """max|a - b| / mean|b|: the relative error the host tests bound (1e-5 where the result is exact)."""
     return float((a - b).abs().max() / b.abs().mean().clamp_min(1e-12))
 
 

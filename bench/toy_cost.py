@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     cached = [r for r in rows if r["kind"] == "cached"]
     tuned = [r for r in rows if r["kind"] == "cached tuned"]
     log.info("")
-    log.info("cached negative, defaults: targets met in %d of %d cases; with the growth tuned per sampler: %d of %d",
+    log.info("cached negative, defaults: within the criteria in %d of %d cases; with the growth tuned per sampler: %d of %d",
              sum(r["met"] == "met" for r in cached), len(cached), sum(r["met"] == "met" for r in tuned), len(tuned))
     chart(rows, opts.out)
     frequency_split(rules, toy, opts.pictures, opts.steps)
