@@ -1,0 +1,118 @@
+"""The cached negative's quality against full CFG through the host, on every sampler, schedule, cfg and step count.
+
+The toy model with known truth (``NegativeGuidanceToyModel``) in-process, through the pack's sampler node:
+"portrait of a man" with the negative "mustache", n pictures (24x24) per cell, seeds from ``--seed`` on (the
+tests use 0). Per cell, full CFG and each candidate at the same seeds: the share of pictures with a mustache, the
+share of the same pictures as full CFG (a picture's class is its nearest clean toy picture in pixel MSE), the
+share off the data (that MSE above 0.05; the toy's own noise gives about 0.01) and the branches per model
+evaluation (batch rows at the diffusion model's forward, per sample). Samplers without a fixed step count
+(``dpm_adaptive``) run at their own tolerance; ``dpm_fast`` takes the steps as its evaluations. Logs one
+markdown row per cell, then the worst cell of each criterion and the mean cost.
+
+    python bench/cache_grid.py [--n 512] [--candidates default] [--samplers all] [--out out/cache_grid.md]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+from demo_host import ROOT, load_host_and_pack
+from tiny import count_forwards
+
+log = logging.getLogger("negative_guidance.cache_grid")
+SCHEDULERS = ("karras", "normal", "exponential", "sgm_uniform", "simple")
+CFGS = (2.0, 4.0, 8.0)
+STEPS = (10, 30)
+SIZE, OFF_DATA = 192, 0.05
+
+
+def candidates(rules, names: list) -> dict:
+    """The candidate rules by name ("default": the cached negative at its defaults)."""
+    known = {"default": lambda: rules.CachedNegative()}
+    return {name: known[name]() for name in names}
+
+
+def classify(toy, samples: torch.Tensor) -> tuple:
+    """(class index, off the data) of each picture: its nearest clean toy picture in pixel MSE."""
+    templates = torch.stack([toy.image_template(c, samples.shape[-1]) for c in toy.CONCEPTS]).flatten(1)
+    mse = torch.cdist(samples.flatten(1).double(), templates.double()).pow(2) / templates.shape[1]
+    best, index = mse.min(1)
+    return index, best > OFF_DATA
+
+
+def run_cell(g, toy, model, vae, encode, lat, sampler, scheduler, cfg, steps, seed, rule):
+    kw = {} if rule is None else {"rule": rule}
+    with count_forwards(model) as rows:
+        out = g.NegativeGuidanceSampler.execute(model, seed, steps, cfg, sampler, scheduler, encode("portrait of a man"),
+                                                encode("mustache"), lat, 1.0, 0.0, 1.0, **kw)[0]["samples"]
+    cls, off = classify(toy, out)
+    share = float(toy.has_mustache(vae.decode(out)).float().mean())
+    return cls, off, share, sum(rows) / (len(rows) * lat["samples"].shape[0])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=7000)
+    parser.add_argument("--candidates", default="default")
+    parser.add_argument("--samplers", default="all", help="comma-separated host sampler names, or all")
+    parser.add_argument("--out", type=Path, default=ROOT / "out" / "cache_grid.md")
+    opts = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    host_nodes, g = load_host_and_pack()
+    logging.getLogger().setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    log.addHandler(logging.FileHandler(opts.out, mode="w"))
+    import comfy.samplers
+
+    toy = importlib.import_module("negative_guidance_pack.samplers.toy")
+    rules = importlib.import_module("negative_guidance_pack.samplers.rules")
+    model, clip, vae = importlib.import_module("negative_guidance_pack.nodes.toy_model").toy_model()
+    encode = lambda text: host_nodes.CLIPTextEncode().encode(clip, text)[0]  # noqa: E731
+    lat = host_nodes.EmptyLatentImage().generate(SIZE, SIZE, opts.n)[0]
+    samplers = comfy.samplers.KSampler.SAMPLERS if opts.samplers == "all" else opts.samplers.split(",")
+    rules_by_name = candidates(rules, opts.candidates.split(","))
+    log.info("| sampler | scheduler | cfg | steps | candidate | mustache full / cand. | same picture | off data full / "
+             "cand. | branches/eval |")
+    log.info("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    results, start = [], time.perf_counter()
+    for sampler in samplers:
+        for scheduler in SCHEDULERS:
+            for cfg in CFGS:
+                for steps in STEPS:
+                    full = run_cell(g, toy, model, vae, encode, lat, sampler, scheduler, cfg, steps, opts.seed, None)
+                    for name, rule in rules_by_name.items():
+                        cand = run_cell(g, toy, model, vae, encode, lat, sampler, scheduler, cfg, steps, opts.seed, rule)
+                        row = dict(sampler=sampler, scheduler=scheduler, cfg=cfg, steps=steps, candidate=name,
+                                   share=(100 * full[2], 100 * cand[2]),
+                                   same=100 * float((full[0] == cand[0]).double().mean()),
+                                   off=(100 * float(full[1].double().mean()), 100 * float(cand[1].double().mean())),
+                                   branches=cand[3])
+                        results.append(row)
+                        log.info("| %s | %s | %g | %d | %s | %.1f / %.1f | %.1f | %.1f / %.1f | %.2f |", sampler,
+                                 scheduler, cfg, steps, name, *row["share"], row["same"], *row["off"], row["branches"])
+    for name in rules_by_name:
+        rows = [r for r in results if r["candidate"] == name]
+        share = max(rows, key=lambda r: abs(r["share"][1] - r["share"][0]))
+        same = min(rows, key=lambda r: r["same"])
+        off = max(rows, key=lambda r: r["off"][1] - r["off"][0])
+        cost = sum(r["branches"] for r in rows) / len(rows)
+        passed = sum(abs(r["share"][1] - r["share"][0]) <= 2 and r["same"] >= 95 and r["off"][1] <= r["off"][0] + 1
+                     for r in rows)
+        log.info("")
+        log.info("%s: %d of %d cells within the criteria; mean %.3f branches per evaluation, %d cells above 1.5",
+                 name, passed, len(rows), cost, sum(r["branches"] > 1.5 for r in rows))
+        for label, r in (("largest share difference", share), ("fewest same pictures", same), ("most off data", off)):
+            log.info("  %s: %s %s cfg %g, %d steps: mustache %.1f / %.1f, same %.1f%%, off %.1f / %.1f", label,
+                     r["sampler"], r["scheduler"], r["cfg"], r["steps"], *r["share"], r["same"], *r["off"])
+    log.info("%d cells in %.0f s", len(results), time.perf_counter() - start)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
