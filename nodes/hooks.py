@@ -30,7 +30,7 @@ import node_helpers
 import torch
 
 from ..samplers.engine import GuidanceSpec, combine_step, negative_for
-from ..samplers.rules import RunState
+from ..samplers.rules import CFG, FULL_CFG_SAMPLERS, RunState
 from ..samplers.schedule import StepPlan
 from ..samplers.trace import Trace
 from .model_fit import check_request_fits, check_sampler_prompts
@@ -122,6 +122,7 @@ class _OuterSample:
         model_sampling = guider.model_patcher.get_model_object("model_sampling")
         spec = dataclasses.replace(resolve_spec(self.request, model_sampling),
                                    sampler_negative=guider.conds.get("negative") is not None)
+        spec = _served(spec, sampler_name(args[2] if len(args) > 2 else kwargs.get("sampler")), node)
         added = {}
         for i, entry in enumerate(self.request.extras):
             if entry.weight != 0.0:  # a zero weight is never planned: nothing for the host to prepare
@@ -265,6 +266,27 @@ class _Run:
             self.trace.record(x, args["sigma"], args["cond_denoised"], guided_neg, out,
                               negative=step.plan.negative, extras=len(step.plan.extras))
         return x - out
+
+
+def sampler_name(sampler) -> str | None:
+    """The host's name of a KSAMPLER's sampler (``sample_euler`` -> ``euler``, ``dpm_fast_function`` -> ``dpm_fast``);
+    None for a sampler from elsewhere."""
+    fn = getattr(sampler, "sampler_function", None)
+    name = getattr(fn, "__name__", "")
+    for prefix, suffix in (("sample_", ""), ("", "_function")):
+        if name.startswith(prefix) and name.endswith(suffix) and name != prefix + suffix:
+            return name[len(prefix):len(name) - len(suffix)]
+    return None
+
+
+def _served(spec: GuidanceSpec, sampler: str | None, node: str) -> GuidanceSpec:
+    """The spec a sampler runs: a cached negative on a sampler it cannot serve is replaced by full CFG, and says so."""
+    cache = spec.nesting.cache
+    why = FULL_CFG_SAMPLERS.get(sampler) if cache is not None else None
+    if why is None:
+        return spec
+    log.info("%s: the cached negative runs full CFG on the sampler %s (%s)", node, sampler, why)
+    return dataclasses.replace(spec, rule=cache.inner if cache.inner is not None else CFG())
 
 
 def _name(fn) -> str:

@@ -6,6 +6,7 @@ turns its percents into sigmas with the model's own schedule.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -110,10 +111,13 @@ def resolve_spec(request: GuidanceRequest, model_sampling) -> GuidanceSpec:
         ExtraNegative(e.weight, sigma_window(model_sampling, e.start_percent, e.end_percent))
         for e in request.extras
     )
+    rule = request.rule if request.rule is not None else rules.CFG()
+    if isinstance(rule, rules.CachedNegative) and rule.from_percent > 0.0:
+        rule = dataclasses.replace(rule, from_sigma=float(model_sampling.percent_to_sigma(rule.from_percent)))
     return GuidanceSpec(
         primary_window=sigma_window(model_sampling, request.negative_start_percent, request.negative_end_percent),
         extras=extras,
         has_uncond=request.unconditional is not None,
-        rule=request.rule if request.rule is not None else rules.CFG(),
+        rule=rule,
         flow=isinstance(model_sampling, comfy.model_sampling.CONST),
     )

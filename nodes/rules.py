@@ -14,10 +14,11 @@ from .validation import check_rule, inputs_of
 RULE_CATEGORY = f"{CATEGORY}/rules"
 
 
-def build_rule(node: str, cls, **params):
-    """Construct a rule; a parameter it refuses is named as the node's input (its ``inner`` rule is 'rule')."""
+def build_rule(node: str, cls, renamed: dict | None = None, **params):
+    """Construct a rule; a parameter it refuses is named as the node's input (its ``inner`` rule is 'rule', and
+    ``renamed`` maps other parameters to their inputs)."""
     check_rule(node, params.get("inner"))
-    with inputs_of(node, {"inner": "rule"}):
+    with inputs_of(node, {"inner": "rule", **(renamed or {})}):
         return cls(**params)
 
 
@@ -218,14 +219,27 @@ class NegativeRuleCachedNegative(io.ComfyNode):
                 io.Float.Input("high_growth", default=1.0, min=0.0, max=10.0, step=0.01,
                                tooltip="With the split: the growth of the high band per skipped evaluation (0..10)."),
                 _inner_input(),
+                io.Boolean.Input("bounded", default=True, optional=True,
+                                 tooltip="Never let a rebuilt difference grow longer, per sample, than the longer of "
+                                 "the last two measured ones (off: the growth extrapolates without bound)."),
+                io.Float.Input("cache_start_percent", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Predict the negatives on every evaluation until this point of the model's "
+                               "schedule (0..1, as the host's start_percent); cache only after it. 0 caches from the "
+                               "first evaluations."),
+                io.Float.Input("sigma_power", default=1.0, min=0.0, max=2.0, step=0.05, optional=True,
+                               tooltip="How the cached difference D_pos - D_neg follows sigma: as sigma^p (0..2). "
+                               "1 keeps it in noise space (FasterCache), 0 keeps the denoised difference as it was."),
             ],
         )
 
     @classmethod
-    def execute(cls, every, growth, full_start, frequency_split, cutoff, high_growth, rule=None) -> io.NodeOutput:
-        return io.NodeOutput(build_rule("NegativeRuleCachedNegative", rules.CachedNegative, every=every, growth=growth,
+    def execute(cls, every, growth, full_start, frequency_split, cutoff, high_growth, rule=None, bounded=True,
+                cache_start_percent=0.0, sigma_power=1.0) -> io.NodeOutput:
+        renamed = {"bands": "frequency_split", "from_percent": "cache_start_percent"}
+        return io.NodeOutput(build_rule("NegativeRuleCachedNegative", rules.CachedNegative, renamed, every=every, growth=growth,
                                         full_start=full_start, bands=bool(frequency_split), cutoff=cutoff,
-                                        high_growth=high_growth, inner=rule))
+                                        high_growth=high_growth, inner=rule, bounded=bool(bounded),
+                                        from_percent=cache_start_percent, sigma_power=sigma_power))
 
 
 NODES = [NegativeRulePerpNeg, NegativeRuleAPG, NegativeRuleRescale, NegativeRuleCFGZeroStar, NegativeRuleDynamic,

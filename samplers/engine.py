@@ -77,6 +77,8 @@ class GuidanceSpec:
         (docs/internals.md, "What a step computes"). ``asked`` names the branches another node made the host
         predict (the sampler's negative at cfg 1); with a cached negative and its run ``state``, the branches it
         can rebuild are marked rebuilt."""
+        cache = self.nesting.cache
+        rebuilt = cache is not None and state is not None and cache.reuses(call_index, sigma, state)
         if self.nesting.skipped(sigma, call_index):
             return StepPlan(status={}, negative="positive", reference=None)
         extras = tuple(i for i, e in enumerate(self.extras) if e.weight != 0.0 and e.window.contains(sigma))
@@ -94,8 +96,6 @@ class GuidanceSpec:
             negative = "positive"
         uncond = "uncond" in (negative, reference) or (self.has_uncond and self.rule.needs_uncond)
         needed = (("primary",) if primary else ()) + (("uncond",) if uncond else ()) + extras
-        cache = self.nesting.cache
-        rebuilt = cache is not None and state is not None and cache.reuses(call_index)
         return StepPlan(
             status={k: "rebuilt" if rebuilt and k in state["diff"] else "predicted" for k in needed},
             negative=negative, reference=reference,

@@ -10,6 +10,7 @@ paper defines another; then the conversion is explicit (``to_noise``, ``to_v``).
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal, TypedDict
@@ -308,13 +309,16 @@ class DynamicState(TypedDict):
 class CacheState(TypedDict):
     """A cached negative over one run: the inner rule's state, each branch's cached noise-space
     difference (``diff``, a tensor or a (low, high) pair), the evaluation it was cached at (``at``), where
-    each extra's conditioning reached then (``cover``) and the current evaluation (``now``)."""
+    each extra's conditioning reached then (``cover``), the lengths of its last two measured differences
+    (``norms``), the current evaluation (``now``) and where the cadence starts (``start``)."""
 
     inner: RunState
     diff: dict
     at: dict
     cover: dict
+    norms: dict
     now: int
+    start: int | None
 
 
 RunState = APGState | DynamicState | CacheState | None
@@ -570,17 +574,13 @@ class GuidanceInterval(_Skipping):
 
 @dataclass(frozen=True, kw_only=True)
 class CachedNegative(_Wrapping):
-    """A cached negative (the CFG-cache of FasterCache, Lv et al. 2024): the negative branches are
-    predicted on every ``every``-th model evaluation only (after ``full_start`` evaluations that all
-    predict them); in between the positive alone is predicted and each negative is rebuilt from its
-    difference to the positive in noise space, ``d = eps_neg - eps_pos`` with ``eps = (x - D) / sigma``,
-    cached at the last evaluation that predicted both and grown by ``growth`` per evaluation since.
-    With ``bands`` the low and high spatial frequencies of ``d`` (FFT over the last two dimensions,
-    the cut at ``cutoff`` of the highest frequency) grow by ``growth`` and ``high_growth``, as
-    FasterCache weighs them apart. The combine is the ``inner`` rule's, fed the rebuilt negatives;
-    its decisions come from the evaluation count alone, so it reads nothing from the device. The
-    defaults come from the toy benchmark (``bench/toy_removal.py``): 1.30 branches per evaluation on
-    a 30-step Euler run."""
+    """A cached negative (the CFG-cache of FasterCache, Lv et al. 2024), bounded; see docs/rules.md, "Cached negative".
+
+    Above ``from_sigma`` and on the first ``full_start`` evaluations every evaluation predicts the negatives; after
+    that only every ``every``-th does, and in between each one is rebuilt from its cached noise-space difference to
+    the positive, ``d = (D_pos - D_neg) / sigma^sigma_power`` (1: noise space, FasterCache's; 0: denoised space), grown
+    by ``growth`` per evaluation and, when ``bounded``, never longer per sample than the longer of the last two it
+    measured."""
 
     every: int = 4
     growth: float = 1.06
@@ -588,6 +588,10 @@ class CachedNegative(_Wrapping):
     bands: bool = False
     cutoff: float = 0.25
     high_growth: float = 1.0
+    bounded: bool = True
+    from_percent: float = 0.0
+    from_sigma: float = math.inf
+    sigma_power: float = 1.0
     name = "Cached negative"
     caches_negatives = True
 
@@ -597,27 +601,51 @@ class CachedNegative(_Wrapping):
         number("growth", self.growth, 0.0, 10.0)
         number("cutoff", self.cutoff, 0.0, 1.0)
         number("high_growth", self.high_growth, 0.0, 10.0)
+        number("from_percent", self.from_percent, 0.0, 1.0)
+        number("sigma_power", self.sigma_power, 0.0, 2.0)
+        if not (self.from_sigma > 0.0):
+            raise ParameterError("from_sigma", "must be above 0 (inf: cache from the start)", repr(self.from_sigma))
         _check_inner(self.inner, "must not be another cached negative")
 
-    def reuses(self, call_index: int) -> bool:
-        """Whether this model evaluation rebuilds the negatives instead of predicting them."""
-        return self.every > 1 and call_index >= self.full_start and (call_index - self.full_start) % self.every != 0
+    @property
+    def reads_sigma(self) -> bool:
+        return math.isfinite(self.from_sigma)
+
+    def reuses(self, call_index: int, sigma: float | None = None, state: CacheState | None = None) -> bool:
+        """Whether this model evaluation rebuilds the negatives instead of predicting them: the cadence counts from
+        the first evaluation past ``full_start`` at or below ``from_sigma`` (kept in ``state``)."""
+        if self.every <= 1 or call_index < self.full_start:
+            return False
+        start = self.full_start
+        if math.isfinite(self.from_sigma):
+            start = state.get("start") if state is not None else None
+            if start is None:
+                if sigma is None or sigma > self.from_sigma:
+                    return False
+                start = call_index
+                if state is not None:
+                    state["start"] = start
+        return (call_index - start) % self.every != 0
 
     def new_state(self) -> CacheState:
-        return {"inner": self._rule.new_state(), "diff": {}, "at": {}, "cover": {}, "now": 0}
+        return {"inner": self._rule.new_state(), "diff": {}, "at": {}, "cover": {}, "norms": {}, "now": 0,
+                "start": None}
 
     def combine(self, s: StepInputs, state: CacheState) -> torch.Tensor:
         return self._rule.combine(s, state["inner"])
 
     def remember(self, state: CacheState, key: Branch, pos: torch.Tensor, branch: torch.Tensor,
                  sigma: torch.Tensor) -> None:
-        """Keep a predicted branch's noise-space difference to the positive."""
-        diff = (up(pos) - up(branch)) / _per_sample(up(sigma), up(pos))
+        """Keep a predicted branch's noise-space difference to the positive, and the lengths of the last two."""
+        diff = (up(pos) - up(branch)) / self._unit(sigma, pos)
         state["diff"][key] = split_bands(diff, self.cutoff) if self.bands else diff
         state["at"][key] = state["now"]
+        length = sample_norm(diff)
+        state["norms"][key] = (state["norms"].get(key, (length, length))[1], length)
 
     def rebuild(self, state: CacheState, key: Branch, pos: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """A branch from the positive and its cached difference: ``D = D_pos - sigma * growth^j * d``."""
+        """A branch from the positive and its cached difference: ``D = D_pos - sigma * growth^j * d``, with ``d``
+        shortened per sample to the bound when ``bounded``."""
         since = state["now"] - state["at"][key]
         cached = state["diff"][key]
         if self.bands:
@@ -625,7 +653,23 @@ class CachedNegative(_Wrapping):
             diff = low * self.growth ** since + high * self.high_growth ** since
         else:
             diff = cached * self.growth ** since
-        return cast_back(up(pos) - _per_sample(up(sigma), up(pos)) * diff, pos.dtype)
+        if self.bounded:
+            bound = torch.maximum(*state["norms"][key])
+            diff = diff * _per_sample((bound / sample_norm(diff).clamp_min(1e-30)).clamp(max=1.0), diff)
+        return cast_back(up(pos) - self._unit(sigma, pos) * diff, pos.dtype)
+
+    def _unit(self, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return _per_sample(up(sigma), up(like)) ** self.sigma_power
+
+
+FULL_CFG_SAMPLERS: dict[str, str] = {}
+"""The host's samplers a cached negative cannot serve at its quality criteria, with why (docs/benchmarks.md, "The
+cached negative on every sampler"); on them it runs full CFG and says so in the log."""
+
+
+def sample_norm(t: torch.Tensor) -> torch.Tensor:
+    """The L2 length of each sample (over every dimension but the first)."""
+    return t.flatten(1).norm(dim=1)
 
 
 def split_bands(t: torch.Tensor, cutoff: float) -> tuple:
@@ -651,7 +695,8 @@ class Nesting:
 
     @property
     def reads_sigma(self) -> bool:
-        return any(r.reads_sigma for r in self.skipping) or self.combiner.reads_sigma
+        cache = self.cache is not None and self.cache.reads_sigma
+        return cache or any(r.reads_sigma for r in self.skipping) or self.combiner.reads_sigma
 
     def skipped(self, sigma: float | None, call_index: int) -> bool:
         """Whether any skipping rule of the nesting turns this model evaluation's guidance off."""

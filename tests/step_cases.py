@@ -138,7 +138,9 @@ def _rule(draw, sigmas, flow):
         rule = RuleDesc("cached", {"every": draw(st.integers(1, 4)), "full_start": draw(st.integers(0, 3)),
                                    "growth": draw(st.floats(0.8, 1.3)), "bands": draw(st.booleans()),
                                    "cutoff": draw(st.sampled_from([0.25, 0.5])),
-                                   "high_growth": draw(st.floats(0.8, 1.3))}, rule)
+                                   "high_growth": draw(st.floats(0.8, 1.3)), "bounded": draw(st.booleans()),
+                                   "sigma_power": draw(st.sampled_from([1.0, 0.0, 0.5])),
+                                   "from_sigma": draw(st.sampled_from([math.inf] + sigmas))}, rule)
     return rule
 
 

@@ -88,7 +88,8 @@ class Reference:
         self.c = combo
         self.skipping, self.cache, self.combiner = flatten(combo.rule)
         self.n = 0
-        self.diff, self.at, self.cover = {}, {}, {}
+        self.diff, self.at, self.cover, self.lengths = {}, {}, {}, {}
+        self.cadence = None  # where the cached negative's cadence starts
         self.running = None  # APG
         self.p, self.prev = None, None  # dynamic guidance
 
@@ -97,6 +98,9 @@ class Reference:
     def branches(self, sigma: float):
         """(status by branch, what plays the negative, the reference) for this evaluation."""
         c, n = self.c, self.n
+        if self.cache is not None and self.cadence is None and n >= self.cache.params.get("full_start", 2):
+            if sigma <= self.cache.params.get("from_sigma", math.inf):
+                self.cadence = n
         if any(skips(r, sigma, n) for r in self.skipping):
             return {}, None, None
         active = [i for i, e in enumerate(c.extras) if e.weight != 0 and inside(e.window, sigma)]
@@ -121,8 +125,8 @@ class Reference:
         status = {b: "predicted" for b in wanted}
         if self.cache is not None:
             p = self.cache.params
-            every, start = p.get("every", 4), p.get("full_start", 2)
-            if every > 1 and n >= start and (n - start) % every != 0:
+            every = p.get("every", 4)
+            if every > 1 and self.cadence is not None and (n - self.cadence) % every != 0:
                 status = {b: "rebuilt" if b in self.diff else "predicted" for b in wanted}
         return status, negative, ref
 
@@ -155,12 +159,18 @@ class Reference:
         self.n += 1
         return out, sorted((b for b, v in status.items() if v == "predicted"), key=str)
 
+    def unit(self, pos, s):
+        """sigma ** sigma_power per sample: sigma in noise space, 1 in denoised space."""
+        hi = math_dtype(pos)
+        return s.to(hi).reshape(-1, *[1] * (pos.ndim - 1)) ** self.cache.params.get("sigma_power", 1.0)
+
     def remember(self, b, pos, value, s):
         hi = math_dtype(pos)
-        d = (pos.to(hi) - value.to(hi)) / s.to(hi).reshape(-1, *[1] * (pos.ndim - 1))
+        d = (pos.to(hi) - value.to(hi)) / self.unit(pos, s)
         p = self.cache.params
         self.diff[b] = formulas.split_bands(d, p.get("cutoff", 0.25)) if p.get("bands", False) else d
         self.at[b] = self.n
+        self.lengths[b] = (self.lengths.get(b, [None])[-1:] + [[float(v) for v in d.flatten(1).norm(dim=1)]])[-2:]
 
     def rebuild(self, b, pos, s):
         p = self.cache.params
@@ -170,8 +180,15 @@ class Reference:
             d = low * p.get("growth", 1.06) ** j + high * p.get("high_growth", 1.0) ** j
         else:
             d = self.diff[b] * p.get("growth", 1.06) ** j
+        if p.get("bounded", True):
+            known = [x for x in self.lengths[b] if x is not None]
+            rows = []
+            for i in range(d.shape[0]):
+                longest, length = max(k[i] for k in known), float(d[i].norm())
+                rows.append(d[i] * (longest / length) if length > longest else d[i])
+            d = torch.stack(rows)
         hi = math_dtype(pos)
-        return (pos.to(hi) - s.to(hi).reshape(-1, *[1] * (pos.ndim - 1)) * d).to(pos.dtype)
+        return (pos.to(hi) - self.unit(pos, s) * d).to(pos.dtype)
 
     # -- the combine (docs: "The combine")
 

@@ -33,7 +33,7 @@ def test_the_plan_reuses_exactly_the_planned_evaluations():
 
 
 def test_a_reused_negative_is_the_positive_minus_the_grown_noise_difference():
-    rule = rules.CachedNegative(growth=1.5, full_start=0)
+    rule = rules.CachedNegative(growth=1.5, full_start=0, bounded=False)
     spec, state = engine.GuidanceSpec(rule=rule), rule.new_state()
     gen = torch.Generator().manual_seed(0)
     pos0, neg0, pos2 = (torch.randn(2, 4, 3, 3, generator=gen) for _ in range(3))
@@ -71,7 +71,59 @@ def test_it_costs_what_it_saves():
     assert r.branches == r.evaluations + 2 + len(range(2, 12, 4))
 
 
-@pytest.mark.parametrize("name,value", [("every", 0), ("growth", -1.0), ("full_start", 1.5), ("cutoff", 2.0)])
+@pytest.mark.parametrize("kind", ["exploding", "sign-flipping", "shrinking"])
+@pytest.mark.parametrize("bands", [False, True])
+def test_a_rebuilt_difference_is_never_longer_than_the_last_two_measured(kind, bands):
+    """Per sample, at every rebuilt evaluation: |d_rebuilt| <= max(|d| of the last two predicted evaluations), with
+    d = (D_pos - D_neg) / sigma measured here from the predictions themselves."""
+    rule = rules.CachedNegative(every=3, full_start=1, growth=1.5, bands=bands, high_growth=2.0)
+    spec, state = engine.GuidanceSpec(rule=rule), rule.new_state()
+    gen = torch.Generator().manual_seed(3)
+    measured, rebuilt_seen = [], 0
+    for i in range(16):
+        sigma = torch.tensor([10.0 / (1 + i), 7.0 / (1 + i)], dtype=torch.float64)
+        pos = torch.randn(2, 4, 6, 6, generator=gen, dtype=torch.float64)
+        factor = {"exploding": 10.0 ** i, "sign-flipping": (-3.0) ** i, "shrinking": 0.5 ** i}[kind]
+        neg = pos + factor * torch.randn(2, 4, 6, 6, generator=gen, dtype=torch.float64)
+        plan = spec.plan(float(sigma[0]), scale=4.0, call_index=i, state=state)
+        primary, _, _ = spec.complete(plan, state, pos, sigma, {"primary": neg} if plan.of("primary") == "predicted"
+                                      else {}, i)
+        length = ((pos - primary) / sigma.reshape(-1, 1, 1, 1)).flatten(1).norm(dim=1)
+        if plan.of("primary") == "rebuilt":
+            rebuilt_seen += 1
+            bound = torch.maximum(*measured[-2:]) if len(measured) > 1 else measured[-1]
+            assert bool((length <= bound * (1 + 1e-12)).all()), (i, length, bound)
+        else:
+            measured.append(length)
+    assert rebuilt_seen == 10
+
+
+def test_unbounded_the_extrapolation_grows_past_what_was_measured():
+    rule = rules.CachedNegative(every=8, full_start=0, growth=1.5, bounded=False)
+    spec, state = engine.GuidanceSpec(rule=rule), rule.new_state()
+    pos, neg, sigma = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2), torch.ones(1)
+    spec.complete(spec.plan(1.0, scale=4.0, call_index=0, state=state), state, pos, sigma, {"primary": neg}, 0)
+    primary, _, _ = spec.complete(spec.plan(1.0, scale=4.0, call_index=3, state=state), state, pos, sigma, {}, 3)
+    torch.testing.assert_close(primary, 1.5 ** 3 * neg)  # d = -1 grown three times: longer than measured
+
+
+def test_caching_starts_at_from_sigma_and_its_cadence_with_it():
+    rule = rules.CachedNegative(every=3, full_start=1, from_sigma=4.0)
+    spec, state = engine.GuidanceSpec(rule=rule), rule.new_state()
+    assert spec.needs_sigma
+    sigmas = [20.0, 10.0, 6.0, 4.0, 3.0, 2.0, 1.0, 0.5, 0.2]
+    rebuilt = []
+    for i, s in enumerate(sigmas):
+        plan = spec.plan(s, scale=4.0, call_index=i, state=state)
+        pos = torch.zeros(1, 1, 2, 2)
+        spec.complete(plan, state, pos, torch.tensor([s]), {"primary": pos + 1} if plan.of("primary") == "predicted"
+                      else {}, i)
+        rebuilt.append(plan.of("primary") == "rebuilt")
+    assert rebuilt == [False, False, False, False, True, True, False, True, True]
+
+
+@pytest.mark.parametrize("name,value", [("every", 0), ("growth", -1.0), ("full_start", 1.5), ("cutoff", 2.0),
+                                        ("from_percent", 1.5), ("from_sigma", 0.0)])
 def test_bad_parameters_are_named(name, value):
     with pytest.raises(ValueError, match=name):
         rules.CachedNegative(**{name: value})

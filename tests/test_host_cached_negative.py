@@ -96,7 +96,7 @@ def test_the_rebuilt_negative_follows_the_cached_difference(pack_nodes, tiny_mod
         seen.append((timestep.clone(), [o.clone() for o in out]))
         return out
 
-    rule = rules.CachedNegative(every=3, full_start=0, growth=1.3)
+    rule = rules.CachedNegative(every=3, full_start=0, growth=1.3, bounded=False)
     model = tiny_model.clone()
     model.add_wrapper(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, record)
     calls = []
@@ -144,3 +144,45 @@ def test_every_family_and_the_frequency_split(pack_nodes, name):
             model, 0, STEPS, 4.0, "euler", "normal", f.cond(1), f.cond(2), f.latent(batch=2), 1.0, 0.0, 1.0,
             rule=rules.CachedNegative(bands=bands))[0]["samples"]
         assert torch.isfinite(out).all() and out.shape[0] == 2
+
+
+def test_a_saved_node_without_the_new_inputs_keeps_its_meaning_and_gets_the_bound(rule_nodes):
+    node = rule_nodes.NegativeRuleCachedNegative
+    names = [i.id for i in node.define_schema().inputs]
+    assert names[:7] == ["every", "growth", "full_start", "frequency_split", "cutoff", "high_growth", "rule"]
+    assert names[7:] == ["bounded", "cache_start_percent", "sigma_power"]  # new inputs at the end
+    assert all(i.optional for i in node.define_schema().inputs[7:])
+    old = node.execute(4, 1.06, 2, False, 0.25, 1.0)[0]
+    assert old == rules.CachedNegative(every=4, growth=1.06, full_start=2, bounded=True)
+
+
+@pytest.mark.parametrize("name,value", [("cache_start_percent", 1.5), ("sigma_power", -1.0)])
+def test_the_new_inputs_refuse_bad_values_by_name(rule_nodes, name, value):
+    kw = {"cache_start_percent": 0.0, "sigma_power": 1.0, name: value}
+    with pytest.raises(Exception, match=f"NegativeRuleCachedNegative.*{name}"):
+        rule_nodes.NegativeRuleCachedNegative.execute(4, 1.06, 2, False, 0.25, 1.0, **kw)
+
+
+@pytest.mark.parametrize("percent", [0.3, 0.6])
+def test_caching_starts_where_the_models_own_percent_puts_it(pack_nodes, tiny_model, percent):
+    import comfy.samplers
+    ms = tiny_model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "normal", STEPS)
+    start = next(i for i, s in enumerate(sigmas[:-1]) if float(s) <= float(ms.percent_to_sigma(percent)))
+    rule = rules.CachedNegative(every=3, full_start=0, from_percent=percent)
+    with count_forwards(tiny_model) as rows:
+        sampler_run(pack_nodes, tiny_model, rule)
+    assert rows == [2] * start + [2 if (i - start) % 3 == 0 else 1 for i in range(start, STEPS)]
+
+
+def test_a_sampler_it_cannot_serve_runs_full_cfg_and_says_so(pack_nodes, tiny_model, monkeypatch, caplog):
+    monkeypatch.setitem(rules.FULL_CFG_SAMPLERS, "heun", "a test's entry")
+    with caplog.at_level("INFO", logger="negative_guidance_pack"):
+        with count_forwards(tiny_model) as rows:
+            out = sampler_run(pack_nodes, tiny_model, rules.CachedNegative(), sampler="heun")
+    assert set(rows) == {2}
+    assert torch.equal(out, sampler_run(pack_nodes, tiny_model, sampler="heun"))
+    assert "runs full CFG on the sampler heun (a test's entry)" in caplog.text
+    with count_forwards(tiny_model) as rows:
+        sampler_run(pack_nodes, tiny_model, rules.CachedNegative(), sampler="euler")
+    assert 1 in rows  # other samplers are still served cheaply
