@@ -9,7 +9,8 @@ evaluation (batch rows at the diffusion model's forward, per sample). Samplers w
 (``dpm_adaptive``) run at their own tolerance; ``dpm_fast`` takes the steps as its evaluations. Logs one
 markdown row per cell, then the worst cell of each criterion and the mean cost.
 
-    python bench/cache_grid.py [--n 512] [--candidates default] [--samplers all] [--out out/cache_grid.md]
+    python bench/cache_grid.py [--n 512] [--candidates default,extrapolated,denoised,late] [--samplers all]
+                               [--shard 1/1] [--out out/cache_grid.md]
 """
 from __future__ import annotations
 
@@ -31,8 +32,19 @@ SIZE, OFF_DATA = 192, 0.05
 
 
 def candidates(rules, names: list) -> dict:
-    """The candidate rules by name ("default": the cached negative at its defaults)."""
-    known = {"default": lambda: rules.CachedNegative()}
+    """The candidate rules by name: the node's defaults ("default"), the same unbounded ("extrapolated", FasterCache's
+    growth alone), the difference kept in denoised space ("denoised"), caching only past 30% of the model's schedule
+    ("late"), and the difference following sqrt(sigma) ("half" every 3rd evaluation, "half4" every 4th,
+    "late_half" past 30%)."""
+    known = {
+        "default": lambda: rules.CachedNegative(),
+        "extrapolated": lambda: rules.CachedNegative(bounded=False),
+        "denoised": lambda: rules.CachedNegative(every=3, growth=1.0, sigma_power=0.0),
+        "late": lambda: rules.CachedNegative(every=3, growth=1.0, from_percent=0.3),
+        "half": lambda: rules.CachedNegative(every=3, growth=1.0, sigma_power=0.5),
+        "half4": lambda: rules.CachedNegative(every=4, growth=1.0, sigma_power=0.5),
+        "late_half": lambda: rules.CachedNegative(every=3, growth=1.0, sigma_power=0.5, from_percent=0.3),
+    }
     return {name: known[name]() for name in names}
 
 
@@ -51,15 +63,16 @@ def run_cell(g, toy, model, vae, encode, lat, sampler, scheduler, cfg, steps, se
                                                 encode("mustache"), lat, 1.0, 0.0, 1.0, **kw)[0]["samples"]
     cls, off = classify(toy, out)
     share = float(toy.has_mustache(vae.decode(out)).float().mean())
-    return cls, off, share, sum(rows) / (len(rows) * lat["samples"].shape[0])
+    return cls, off, share, sum(rows) / (len(rows) * lat["samples"].shape[0]), len(rows)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--seed", type=int, default=7000)
-    parser.add_argument("--candidates", default="default")
+    parser.add_argument("--candidates", default="default,extrapolated,denoised,late")
     parser.add_argument("--samplers", default="all", help="comma-separated host sampler names, or all")
+    parser.add_argument("--shard", default="1/1", help="i/k: run the i-th of k interleaved parts of the samplers")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "cache_grid.md")
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -76,6 +89,8 @@ def main(argv=None) -> int:
     encode = lambda text: host_nodes.CLIPTextEncode().encode(clip, text)[0]  # noqa: E731
     lat = host_nodes.EmptyLatentImage().generate(SIZE, SIZE, opts.n)[0]
     samplers = comfy.samplers.KSampler.SAMPLERS if opts.samplers == "all" else opts.samplers.split(",")
+    part, parts = (int(v) for v in opts.shard.split("/"))
+    samplers = samplers[part - 1::parts]
     rules_by_name = candidates(rules, opts.candidates.split(","))
     log.info("| sampler | scheduler | cfg | steps | candidate | mustache full / cand. | same picture | off data full / "
              "cand. | branches/eval |")
@@ -110,6 +125,8 @@ def main(argv=None) -> int:
         for label, r in (("largest share difference", share), ("fewest same pictures", same), ("most off data", off)):
             log.info("  %s: %s %s cfg %g, %d steps: mustache %.1f / %.1f, same %.1f%%, off %.1f / %.1f", label,
                      r["sampler"], r["scheduler"], r["cfg"], r["steps"], *r["share"], r["same"], *r["off"])
+    fallbacks = [(s, rules.FULL_CFG_SAMPLERS[s]) for s in samplers if s in rules.FULL_CFG_SAMPLERS]
+    log.info("full CFG (fallback) on %s", "; ".join(f"{s}: {why}" for s, why in fallbacks) or "no sampler")
     log.info("%d cells in %.0f s", len(results), time.perf_counter() - start)
     return 0
 
