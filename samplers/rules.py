@@ -579,8 +579,8 @@ class CachedNegative(_Wrapping):
     Above ``from_sigma`` and on the first ``full_start`` evaluations every evaluation predicts the negatives; after
     that only every ``every``-th does, and in between each one is rebuilt from its cached noise-space difference to
     the positive, ``d = (D_pos - D_neg) / sigma^sigma_power`` (1: noise space, FasterCache's; 0: denoised space), grown
-    by ``growth`` per evaluation and, when ``bounded``, never longer per sample than the longer of the last two it
-    measured."""
+    by ``growth`` per evaluation and, when ``bounded``, with ``D_pos - D_neg`` never longer per sample than the longer
+    of the last two measured."""
 
     every: int = 4
     growth: float = 1.06
@@ -636,16 +636,16 @@ class CachedNegative(_Wrapping):
 
     def remember(self, state: CacheState, key: Branch, pos: torch.Tensor, branch: torch.Tensor,
                  sigma: torch.Tensor) -> None:
-        """Keep a predicted branch's noise-space difference to the positive, and the lengths of the last two."""
+        """Keep a predicted branch's difference to the positive, and the lengths of the last two in denoised space."""
         diff = (up(pos) - up(branch)) / self._unit(sigma, pos)
         state["diff"][key] = split_bands(diff, self.cutoff) if self.bands else diff
         state["at"][key] = state["now"]
-        length = sample_norm(diff)
+        length = sample_norm(up(pos) - up(branch))
         state["norms"][key] = (state["norms"].get(key, (length, length))[1], length)
 
     def rebuild(self, state: CacheState, key: Branch, pos: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """A branch from the positive and its cached difference: ``D = D_pos - sigma * growth^j * d``, with ``d``
-        shortened per sample to the bound when ``bounded``."""
+        """A branch from the positive and its cached difference: ``D = D_pos - sigma^p * growth^j * d``; when
+        ``bounded``, ``D_pos - D`` is shortened per sample to the longer of the last two measured."""
         since = state["now"] - state["at"][key]
         cached = state["diff"][key]
         if self.bands:
@@ -653,10 +653,11 @@ class CachedNegative(_Wrapping):
             diff = low * self.growth ** since + high * self.high_growth ** since
         else:
             diff = cached * self.growth ** since
+        diff = self._unit(sigma, pos) * diff
         if self.bounded:
             bound = torch.maximum(*state["norms"][key])
             diff = diff * _per_sample((bound / sample_norm(diff).clamp_min(1e-30)).clamp(max=1.0), diff)
-        return cast_back(up(pos) - self._unit(sigma, pos) * diff, pos.dtype)
+        return cast_back(up(pos) - diff, pos.dtype)
 
     def _unit(self, sigma: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return _per_sample(up(sigma), up(like)) ** self.sigma_power

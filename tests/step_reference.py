@@ -170,7 +170,8 @@ class Reference:
         p = self.cache.params
         self.diff[b] = formulas.split_bands(d, p.get("cutoff", 0.25)) if p.get("bands", False) else d
         self.at[b] = self.n
-        self.lengths[b] = (self.lengths.get(b, [None])[-1:] + [[float(v) for v in d.flatten(1).norm(dim=1)]])[-2:]
+        measured = [float(v) for v in (pos.to(hi) - value.to(hi)).flatten(1).norm(dim=1)]
+        self.lengths[b] = (self.lengths.get(b, [None])[-1:] + [measured])[-2:]
 
     def rebuild(self, b, pos, s):
         p = self.cache.params
@@ -180,6 +181,8 @@ class Reference:
             d = low * p.get("growth", 1.06) ** j + high * p.get("high_growth", 1.0) ** j
         else:
             d = self.diff[b] * p.get("growth", 1.06) ** j
+        hi = math_dtype(pos)
+        d = self.unit(pos, s) * d  # D_pos - D_b
         if p.get("bounded", True):
             known = [x for x in self.lengths[b] if x is not None]
             rows = []
@@ -187,8 +190,7 @@ class Reference:
                 longest, length = max(k[i] for k in known), float(d[i].norm())
                 rows.append(d[i] * (longest / length) if length > longest else d[i])
             d = torch.stack(rows)
-        hi = math_dtype(pos)
-        return (pos.to(hi) - self.unit(pos, s) * d).to(pos.dtype)
+        return (pos.to(hi) - d).to(pos.dtype)
 
     # -- the combine (docs: "The combine")
 
