@@ -220,8 +220,8 @@ class NegativeRuleCachedNegative(io.ComfyNode):
                                tooltip="With the split: the growth of the high band per skipped evaluation (0..10)."),
                 _inner_input(),
                 io.Boolean.Input("bounded", default=True, optional=True,
-                                 tooltip="Never let a rebuilt difference grow longer, per sample, than the longer of "
-                                 "the last two measured ones (off: the growth extrapolates without bound)."),
+                                 tooltip="Never let a rebuilt D_pos - D_neg grow longer, per sample, than the longer "
+                                 "of the last two measured ones (off: the growth extrapolates without bound)."),
                 io.Float.Input("cache_start_percent", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="Predict the negatives on every evaluation until this point of the model's "
                                "schedule (0..1, as the host's start_percent); cache only after it. 0 caches from the "

@@ -307,10 +307,9 @@ class DynamicState(TypedDict):
 
 
 class CacheState(TypedDict):
-    """A cached negative over one run: the inner rule's state, each branch's cached noise-space
-    difference (``diff``, a tensor or a (low, high) pair), the evaluation it was cached at (``at``), where
-    each extra's conditioning reached then (``cover``), the lengths of its last two measured differences
-    (``norms``), the current evaluation (``now``) and where the cadence starts (``start``)."""
+    """A cached negative over one run: the inner rule's state, each branch's cached difference (``diff``, a
+    tensor or a (low, high) pair), the evaluation it was cached at (``at``), where each extra's conditioning
+    reached then (``cover``), the per-sample lengths of its last two measured ``D_pos - D_b`` (``norms``), the current evaluation (``now``) and where the cadence starts (``start``)."""
 
     inner: RunState
     diff: dict
@@ -574,11 +573,11 @@ class GuidanceInterval(_Skipping):
 
 @dataclass(frozen=True, kw_only=True)
 class CachedNegative(_Wrapping):
-    """A cached negative (the CFG-cache of FasterCache, Lv et al. 2024), bounded; see docs/rules.md, "Cached negative".
+    """A cached negative (the CFG-cache of FasterCache, Lv et al. 2024), bounded; docs/rules.md, "The cached negative".
 
     Above ``from_sigma`` and on the first ``full_start`` evaluations every evaluation predicts the negatives; after
-    that only every ``every``-th does, and in between each one is rebuilt from its cached noise-space difference to
-    the positive, ``d = (D_pos - D_neg) / sigma^sigma_power`` (1: noise space, FasterCache's; 0: denoised space), grown
+    that only every ``every``-th does, and in between each one is rebuilt from its cached difference to the
+    positive, ``d = (D_pos - D_neg) / sigma^sigma_power`` (1: noise space, FasterCache's; 0: denoised space), grown
     by ``growth`` per evaluation and, when ``bounded``, with ``D_pos - D_neg`` never longer per sample than the longer
     of the last two measured."""
 
@@ -618,14 +617,10 @@ class CachedNegative(_Wrapping):
             return False
         start = self.full_start
         if math.isfinite(self.from_sigma):
-            start = state.get("start") if state is not None else None
-            if start is None:
-                if sigma is None or sigma > self.from_sigma:
-                    return False
-                start = call_index
-                if state is not None:
-                    state["start"] = start
-        return (call_index - start) % self.every != 0
+            if state["start"] is None and sigma is not None and sigma <= self.from_sigma:
+                state["start"] = call_index
+            start = state["start"]
+        return start is not None and (call_index - start) % self.every != 0
 
     def new_state(self) -> CacheState:
         return {"inner": self._rule.new_state(), "diff": {}, "at": {}, "cover": {}, "norms": {}, "now": 0,
@@ -637,10 +632,11 @@ class CachedNegative(_Wrapping):
     def remember(self, state: CacheState, key: Branch, pos: torch.Tensor, branch: torch.Tensor,
                  sigma: torch.Tensor) -> None:
         """Keep a predicted branch's difference to the positive, and the lengths of the last two in denoised space."""
-        diff = (up(pos) - up(branch)) / self._unit(sigma, pos)
+        delta = up(pos) - up(branch)
+        diff = delta / self._unit(sigma, pos)
         state["diff"][key] = split_bands(diff, self.cutoff) if self.bands else diff
         state["at"][key] = state["now"]
-        length = sample_norm(up(pos) - up(branch))
+        length = sample_norm(delta)
         state["norms"][key] = (state["norms"].get(key, (length, length))[1], length)
 
     def rebuild(self, state: CacheState, key: Branch, pos: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
