@@ -5,13 +5,16 @@ guidance interval) take an optional inner rule, so e.g. APG can run inside a gui
 """
 from __future__ import annotations
 
+import math
+
 from comfy_api.latest import io
 
 from ..samplers import rules
 from .guidance import CATEGORY, Rule
-from .validation import check_rule, inputs_of
+from .validation import check_number, check_rule, inputs_of
 
 RULE_CATEGORY = f"{CATEGORY}/rules"
+NO_LIMIT = 100.0  # the cached negative's max_log_sigma_drop that lifts its limit
 
 
 def build_rule(node: str, cls, renamed: dict | None = None, **params):
@@ -197,17 +200,18 @@ class NegativeRuleCachedNegative(io.ComfyNode):
     def define_schema(cls):
         return _schema(
             "NegativeRuleCachedNegative", "Rule: Cached negative",
-            "The negative at a fraction of its cost (FasterCache's CFG cache, Lv et al. 2024): the negative branches "
-            "are predicted on every k-th model evaluation only; in between the positive alone is predicted and each "
-            "negative is rebuilt from its last difference to the positive in noise space, grown per skipped "
-            "evaluation. Works with windows, extra negatives and every rule (connect it to 'rule').",
+            "The negative at a fraction of its cost (FasterCache's CFG cache, Lv et al. 2024): on small steps the "
+            "negative branches are predicted on every k-th model evaluation only; in between the positive alone is "
+            "predicted and each negative is rebuilt from its last difference to the positive. Large steps (few-step "
+            "schedules, the second evaluation of heun or dpm_2) always predict them. Works with windows, extra "
+            "negatives and every rule (connect it to 'rule').",
             [
-                io.Int.Input("every", default=4, min=1, max=1000,
-                             tooltip="Predict the negatives on every k-th model evaluation (1..1000; 1 = always, plain "
-                             "full CFG bit for bit; 4 costs about 1.3 branches per evaluation)."),
-                io.Float.Input("growth", default=1.06, min=0.0, max=10.0, step=0.01,
-                               tooltip="Factor on the cached difference per skipped evaluation (0..10). On the toy "
-                               "benchmark 1.10 suits euler, 1.03 heun, 1.05 euler_ancestral; 1.06 is the default."),
+                io.Int.Input("every", default=3, min=1, max=1000,
+                             tooltip="Predict the negatives at least on every k-th model evaluation (1..1000; 1 = "
+                             "always, plain full CFG bit for bit)."),
+                io.Float.Input("growth", default=1.0, min=0.0, max=10.0, step=0.01,
+                               tooltip="Factor on the cached difference per rebuilt evaluation (0..10; 1 keeps it as "
+                               "measured, FasterCache grows it by about 1.06)."),
                 io.Int.Input("full_start", default=2, min=0, max=1000,
                              tooltip="Model evaluations at the start that always predict the negatives (0..1000)."),
                 io.Boolean.Input("frequency_split", default=False,
@@ -226,20 +230,28 @@ class NegativeRuleCachedNegative(io.ComfyNode):
                                tooltip="Predict the negatives on every evaluation until this point of the model's "
                                "schedule (0..1, as the host's start_percent); cache only after it. 0 caches from the "
                                "first evaluations."),
-                io.Float.Input("sigma_power", default=1.0, min=0.0, max=2.0, step=0.05, optional=True,
+                io.Float.Input("sigma_power", default=0.5, min=0.0, max=2.0, step=0.05, optional=True,
                                tooltip="How the cached difference D_pos - D_neg follows sigma: as sigma^p (0..2). "
                                "1 keeps it in noise space (FasterCache), 0 keeps the denoised difference as it was."),
+                io.Float.Input("max_log_sigma_drop", default=0.3, min=0.0, max=NO_LIMIT, step=0.05, optional=True,
+                               tooltip="Rebuild a negative only while ln(sigma) has fallen by at most this much since "
+                               "it was last predicted, and only on an evaluation whose sigma fell (0..100; 0 predicts "
+                               f"every evaluation, {NO_LIMIT:g} lifts the limit: the fixed every-k cadence)."),
             ],
         )
 
     @classmethod
     def execute(cls, every, growth, full_start, frequency_split, cutoff, high_growth, rule=None, bounded=True,
-                cache_start_percent=0.0, sigma_power=1.0) -> io.NodeOutput:
+                cache_start_percent=0.0, sigma_power=0.5, max_log_sigma_drop=0.3) -> io.NodeOutput:
         renamed = {"bands": "frequency_split", "from_percent": "cache_start_percent"}
+        drop = check_number("NegativeRuleCachedNegative", "max_log_sigma_drop", max_log_sigma_drop, 0.0, NO_LIMIT,
+                            hint=f" ({NO_LIMIT:g}: no limit)")
+        drop = math.inf if drop >= NO_LIMIT else drop
         return io.NodeOutput(build_rule("NegativeRuleCachedNegative", rules.CachedNegative, renamed, every=every, growth=growth,
                                         full_start=full_start, bands=bool(frequency_split), cutoff=cutoff,
                                         high_growth=high_growth, inner=rule, bounded=bool(bounded),
-                                        from_percent=cache_start_percent, sigma_power=sigma_power))
+                                        from_percent=cache_start_percent, sigma_power=sigma_power,
+                                        max_log_sigma_drop=drop))
 
 
 NODES = [NegativeRulePerpNeg, NegativeRuleAPG, NegativeRuleRescale, NegativeRuleCFGZeroStar, NegativeRuleDynamic,

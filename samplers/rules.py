@@ -309,7 +309,9 @@ class DynamicState(TypedDict):
 class CacheState(TypedDict):
     """A cached negative over one run: the inner rule's state, each branch's cached difference (``diff``, a
     tensor or a (low, high) pair), the evaluation it was cached at (``at``), where each extra's conditioning
-    reached then (``cover``), the per-sample lengths of its last two measured ``D_pos - D_b`` (``norms``), the current evaluation (``now``) and where the cadence starts (``start``)."""
+    reached then (``cover``), the per-sample lengths of its last two measured ``D_pos - D_b`` (``norms``), the current
+    evaluation (``now``), where the cadence starts (``start``), the previous evaluation's sigma (``sigma``) and the
+    last evaluation it did not rebuild with its sigma (``predicted``)."""
 
     inner: RunState
     diff: dict
@@ -318,6 +320,8 @@ class CacheState(TypedDict):
     norms: dict
     now: int
     start: int | None
+    sigma: float | None
+    predicted: tuple
 
 
 RunState = APGState | DynamicState | CacheState | None
@@ -573,16 +577,15 @@ class GuidanceInterval(_Skipping):
 
 @dataclass(frozen=True, kw_only=True)
 class CachedNegative(_Wrapping):
-    """A cached negative (the CFG-cache of FasterCache, Lv et al. 2024), bounded; docs/rules.md, "The cached negative".
+    """A cached negative (the CFG-cache of FasterCache, Lv et al. 2024), bounded and adaptive to the step size;
+    docs/internals.md item 6 states when an evaluation rebuilds, docs/rules.md why the defaults are these.
 
-    Above ``from_sigma`` and on the first ``full_start`` evaluations every evaluation predicts the negatives; after
-    that only every ``every``-th does, and in between each one is rebuilt from its cached difference to the
-    positive, ``d = (D_pos - D_neg) / sigma^sigma_power`` (1: noise space, FasterCache's; 0: denoised space), grown
-    by ``growth`` per evaluation and, when ``bounded``, with ``D_pos - D_neg`` never longer per sample than the longer
-    of the last two measured."""
+    Rebuilt negatives come from their cached difference to the positive, ``d = (D_pos - D_neg) / sigma^sigma_power``,
+    grown by ``growth`` per evaluation, and while sigma stays within ``max_log_sigma_drop`` (in ln sigma) of the
+    last evaluation that did not rebuild them."""
 
-    every: int = 4
-    growth: float = 1.06
+    every: int = 3
+    growth: float = 1.0
     full_start: int = 2
     bands: bool = False
     cutoff: float = 0.25
@@ -590,7 +593,8 @@ class CachedNegative(_Wrapping):
     bounded: bool = True
     from_percent: float = 0.0
     from_sigma: float = math.inf
-    sigma_power: float = 1.0
+    sigma_power: float = 0.5
+    max_log_sigma_drop: float = 0.3
     name = "Cached negative"
     caches_negatives = True
 
@@ -602,29 +606,47 @@ class CachedNegative(_Wrapping):
         number("high_growth", self.high_growth, 0.0, 10.0)
         number("from_percent", self.from_percent, 0.0, 1.0)
         number("sigma_power", self.sigma_power, 0.0, 2.0)
+        drop = self.max_log_sigma_drop
+        if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not drop >= 0.0:
+            raise ParameterError("max_log_sigma_drop", "must be a number of at least 0 (inf: the fixed cadence)",
+                                 repr(self.max_log_sigma_drop))
         if not (self.from_sigma > 0.0):
             raise ParameterError("from_sigma", "must be above 0 (inf: cache from the start)", repr(self.from_sigma))
         _check_inner(self.inner, "must not be another cached negative")
 
     @property
     def reads_sigma(self) -> bool:
-        return math.isfinite(self.from_sigma)
+        return math.isfinite(self.from_sigma) or self.adaptive
 
-    def reuses(self, call_index: int, sigma: float | None = None, state: CacheState | None = None) -> bool:
-        """Whether this model evaluation rebuilds the negatives instead of predicting them: the cadence counts from
-        the first evaluation past ``full_start`` at or below ``from_sigma`` (kept in ``state``)."""
-        if self.every <= 1 or call_index < self.full_start:
+    @property
+    def adaptive(self) -> bool:
+        return math.isfinite(self.max_log_sigma_drop)
+
+    def reuses(self, call_index: int, sigma: float | None, state: CacheState) -> bool:
+        """Whether this model evaluation rebuilds the negatives instead of predicting them (docs/internals.md
+        item 6); ``state`` keeps where the cadence started and the last evaluation it did not rebuild."""
+        previous, state["sigma"] = state["sigma"], sigma
+        rebuilds = self._rebuilds(call_index, sigma, previous, state)
+        if not rebuilds:
+            state["predicted"] = (call_index, sigma)
+        return rebuilds
+
+    def _rebuilds(self, n: int, sigma: float | None, previous: float | None, state: CacheState) -> bool:
+        if self.every <= 1 or n < self.full_start:
             return False
-        start = self.full_start
-        if math.isfinite(self.from_sigma):
-            if state["start"] is None and sigma is not None and sigma <= self.from_sigma:
-                state["start"] = call_index
-            start = state["start"]
-        return start is not None and (call_index - start) % self.every != 0
+        if state["start"] is None and (sigma is None or sigma <= self.from_sigma):
+            state["start"] = n
+        last, at = state["predicted"]
+        if state["start"] is None or n == state["start"] or n - max(last, state["start"]) >= self.every:
+            return False
+        if not self.adaptive:
+            return True
+        return (sigma is not None and previous is not None and 0.0 < sigma < previous
+                and at <= sigma * math.exp(self.max_log_sigma_drop))
 
     def new_state(self) -> CacheState:
         return {"inner": self._rule.new_state(), "diff": {}, "at": {}, "cover": {}, "norms": {}, "now": 0,
-                "start": None}
+                "start": None, "sigma": None, "predicted": (-1, math.inf)}
 
     def combine(self, s: StepInputs, state: CacheState) -> torch.Tensor:
         return self._rule.combine(s, state["inner"])

@@ -140,7 +140,8 @@ def _rule(draw, sigmas, flow):
                                    "cutoff": draw(st.sampled_from([0.25, 0.5])),
                                    "high_growth": draw(st.floats(0.8, 1.3)), "bounded": draw(st.booleans()),
                                    "sigma_power": draw(st.sampled_from([1.0, 0.0, 0.5])),
-                                   "from_sigma": draw(st.sampled_from([math.inf] + sigmas))}, rule)
+                                   "from_sigma": draw(st.sampled_from([math.inf] + sigmas)),
+                                   "max_log_sigma_drop": draw(st.sampled_from([math.inf, 0.3, 1.0, 3.0]))}, rule)
     return rule
 
 
@@ -204,6 +205,7 @@ def features(case: Case, second_order: bool) -> list:
     out += ["skipping in skipping"] if len(skipping) > 1 else []
     out += ["cached negative"] if cache is not None else []
     out += ["skipping in the cached negative"] if cache is not None and skipping else []
+    out += ["adaptive cached negative"] if cache is not None and math.isfinite(cache.params["max_log_sigma_drop"]) else []
     out += ["cfg 1"] if math.isclose(c.scale, 1.0) else []
     out += ["no sampler negative"] if not c.sampler_negative else []
     out += ["flow model"] if c.flow else []

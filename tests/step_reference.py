@@ -90,6 +90,8 @@ class Reference:
         self.n = 0
         self.diff, self.at, self.cover, self.lengths = {}, {}, {}, {}
         self.cadence = None  # where the cached negative's cadence starts
+        self.kept = (-1, math.inf)  # the last evaluation the cached negative did not rebuild, and its sigma
+        self.previous = None  # the previous evaluation's sigma
         self.running = None  # APG
         self.p, self.prev = None, None  # dynamic guidance
 
@@ -101,6 +103,7 @@ class Reference:
         if self.cache is not None and self.cadence is None and n >= self.cache.params.get("full_start", 2):
             if sigma <= self.cache.params.get("from_sigma", math.inf):
                 self.cadence = n
+        rebuilt = self.cache is not None and self.rebuilds(sigma)
         if any(skips(r, sigma, n) for r in self.skipping):
             return {}, None, None
         active = [i for i, e in enumerate(c.extras) if e.weight != 0 and inside(e.window, sigma)]
@@ -123,12 +126,24 @@ class Reference:
             wanted.append("uncond")
         wanted += active
         status = {b: "predicted" for b in wanted}
-        if self.cache is not None:
-            p = self.cache.params
-            every = p.get("every", 4)
-            if every > 1 and self.cadence is not None and (n - self.cadence) % every != 0:
-                status = {b: "rebuilt" if b in self.diff else "predicted" for b in wanted}
+        if rebuilt:
+            status = {b: "rebuilt" if b in self.diff else "predicted" for b in wanted}
         return status, negative, ref
+
+    def rebuilds(self, sigma: float) -> bool:
+        """Whether the cached negative rebuilds on this evaluation, skipped or not (docs: item 6 of "Which
+        branches"): between its cadence's predictions, and when adaptive only on a falling sigma within
+        max_log_sigma_drop in ln sigma of the last evaluation it did not rebuild."""
+        p, n = self.cache.params, self.n
+        previous, self.previous = self.previous, sigma
+        (m, s_m), drop = self.kept, p.get("max_log_sigma_drop", 0.3)
+        due = self.cadence is None or n == self.cadence or n - max(m, self.cadence) >= p.get("every", 3)
+        rebuilt = p.get("every", 3) > 1 and not due
+        if rebuilt and math.isfinite(drop):
+            rebuilt = previous is not None and 0 < sigma < previous and (s_m <= 0 or math.log(s_m / sigma) <= drop)
+        if not rebuilt:
+            self.kept = (n, sigma)
+        return rebuilt
 
     # -- one evaluation
 
@@ -162,7 +177,7 @@ class Reference:
     def unit(self, pos, s):
         """sigma ** sigma_power per sample: sigma in noise space, 1 in denoised space."""
         hi = math_dtype(pos)
-        return s.to(hi).reshape(-1, *[1] * (pos.ndim - 1)) ** self.cache.params.get("sigma_power", 1.0)
+        return s.to(hi).reshape(-1, *[1] * (pos.ndim - 1)) ** self.cache.params.get("sigma_power", 0.5)
 
     def remember(self, b, pos, value, s):
         hi = math_dtype(pos)
@@ -178,9 +193,9 @@ class Reference:
         j = self.n - self.at[b]
         if p.get("bands", False):
             low, high = self.diff[b]
-            d = low * p.get("growth", 1.06) ** j + high * p.get("high_growth", 1.0) ** j
+            d = low * p.get("growth", 1.0) ** j + high * p.get("high_growth", 1.0) ** j
         else:
-            d = self.diff[b] * p.get("growth", 1.06) ** j
+            d = self.diff[b] * p.get("growth", 1.0) ** j
         hi = math_dtype(pos)
         d = self.unit(pos, s) * d  # D_pos - D_b
         if p.get("bounded", True):

@@ -4,12 +4,14 @@ per sample, and with windows, extras, every rule and the families' models."""
 from __future__ import annotations
 
 import importlib
+import math
 import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from step_reference import Combo, Reference, RuleDesc
 from tests_support import cond, count_forwards, latent, rel_diff
 
 from negative_guidance_pack.samplers import rules
@@ -25,12 +27,12 @@ def rule_nodes(host):
     return importlib.import_module("negative_guidance_pack.nodes.rules")
 
 
-def sampler_run(g, model, rule=None, cfg=7.0, sampler="euler", lat=None, **kw):
+def sampler_run(g, model, rule=None, cfg=7.0, sampler="euler", lat=None, steps=STEPS, **kw):
     args = dict(negative_start_percent=0.0, negative_end_percent=1.0)
     if rule is not None:
         args["rule"] = rule
     args.update(kw)
-    return g.NegativeGuidanceSampler.execute(model, 0, STEPS, cfg, sampler, "normal", cond(1), cond(2),
+    return g.NegativeGuidanceSampler.execute(model, 0, steps, cfg, sampler, "normal", cond(1), cond(2),
                                              lat or latent(), 1.0, **args)[0]["samples"]
 
 
@@ -60,16 +62,49 @@ def test_every_one_is_full_cfg_bit_for_bit_through_every_entry_point(pack_nodes,
                                                   latent())[0]["samples"])
 
 
-@pytest.mark.parametrize("sampler", ["euler", "heun"])
-@pytest.mark.parametrize("every,full_start", [(4, 2), (3, 0), (2, 5)])
-def test_the_negative_is_predicted_on_exactly_the_planned_evaluations(pack_nodes, tiny_model, sampler, every, full_start):
-    rule = rules.CachedNegative(every=every, full_start=full_start)
-    with count_forwards(tiny_model) as rows:
-        out = sampler_run(pack_nodes, tiny_model, rule, sampler=sampler)
-    planned = [1 if rule.reuses(i) and i > 0 else 2 for i in range(len(rows))]
-    assert rows == planned and 1 in rows
+def forwards(model):
+    """A clone of ``model`` that records (sigma, batch rows) at every forward (an APPLY_MODEL wrapper)."""
+    import comfy.patcher_extension
+
+    seen, clone = [], model.clone()
+
+    def record(executor, x, t, *args, **kwargs):
+        seen.append((float(t.max()), int(x.shape[0])))
+        return executor(x, t, *args, **kwargs)
+
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_record", record)
+    return clone, seen
+
+
+def planned_rows(params: dict, sigmas: list) -> list:
+    """The batch rows the documented rule gives a run whose evaluations are at ``sigmas`` (the step reference's
+    decision, a cached difference always at hand)."""
+    ref, rows = Reference(Combo(7.0, RuleDesc("cached", params))), []
+    ref.diff["primary"] = None
+    for s in sigmas:
+        rows.append(1 if ref.branches(s)[0]["primary"] == "rebuilt" else 2)
+        ref.n += 1
+    return rows
+
+
+PLANS = [(sampler, STEPS, every, start, math.inf) for sampler in ("euler", "heun") for every, start in
+         [(4, 2), (3, 0), (2, 5)]]
+PLANS += [(sampler, 30, 3, 2, 0.3) for sampler in ("euler", "heun", "dpm_2", "dpmpp_2m")]
+PLANS += [(sampler, STEPS, 4, 1, 1.0) for sampler in ("heun", "dpm_2")]
+
+
+@pytest.mark.parametrize("sampler,steps,every,full_start,drop", PLANS)
+def test_the_negative_is_predicted_on_exactly_the_planned_evaluations(pack_nodes, tiny_model, sampler, steps, every,
+                                                                      full_start, drop):
+    """At each forward's own sigma, the rows the documented rule plans: second-order samplers repeat a sigma or
+    evaluate between two, and the adaptive rule predicts the negative there."""
+    params = dict(every=every, full_start=full_start, max_log_sigma_drop=drop, growth=1.2)
+    model, seen = forwards(tiny_model)
+    out = sampler_run(pack_nodes, model, rules.CachedNegative(**params), sampler=sampler, steps=steps)
+    rows = [r for _, r in seen]
+    assert rows == planned_rows(params, [s for s, _ in seen]) and 1 in rows
     assert torch.isfinite(out).all()
-    assert rel_diff(out, sampler_run(pack_nodes, tiny_model, sampler=sampler)) > 1e-6  # it did change something
+    assert rel_diff(out, sampler_run(pack_nodes, tiny_model, sampler=sampler, steps=steps)) > 1e-6
 
 
 def test_a_run_sampled_twice_gives_the_same_latent(pack_nodes, tiny_model):
@@ -96,7 +131,8 @@ def test_the_rebuilt_negative_follows_the_cached_difference(pack_nodes, tiny_mod
         seen.append((timestep.clone(), [o.clone() for o in out]))
         return out
 
-    rule = rules.CachedNegative(every=3, full_start=0, growth=1.3, bounded=False)
+    rule = rules.CachedNegative(every=3, full_start=0, growth=1.3, bounded=False, sigma_power=1.0,
+                                max_log_sigma_drop=math.inf)
     model = tiny_model.clone()
     model.add_wrapper(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, record)
     calls = []
@@ -150,15 +186,19 @@ def test_a_saved_node_without_the_new_inputs_keeps_its_meaning_and_gets_the_boun
     node = rule_nodes.NegativeRuleCachedNegative
     names = [i.id for i in node.define_schema().inputs]
     assert names[:7] == ["every", "growth", "full_start", "frequency_split", "cutoff", "high_growth", "rule"]
-    assert names[7:] == ["bounded", "cache_start_percent", "sigma_power"]  # new inputs at the end
+    assert names[7:] == ["bounded", "cache_start_percent", "sigma_power", "max_log_sigma_drop"]  # new at the end
     assert all(i.optional for i in node.define_schema().inputs[7:])
     old = node.execute(4, 1.06, 2, False, 0.25, 1.0)[0]
-    assert old == rules.CachedNegative(every=4, growth=1.06, full_start=2, bounded=True)
+    assert old == rules.CachedNegative(every=4, growth=1.06, full_start=2, bounded=True, sigma_power=0.5,
+                                       max_log_sigma_drop=0.3)
+    fixed = node.execute(4, 1.06, 2, False, 0.25, 1.0, max_log_sigma_drop=100.0)[0]
+    assert fixed.max_log_sigma_drop == math.inf and not fixed.adaptive
 
 
-@pytest.mark.parametrize("name,value", [("cache_start_percent", 1.5), ("sigma_power", -1.0)])
+@pytest.mark.parametrize("name,value", [("cache_start_percent", 1.5), ("sigma_power", -1.0),
+                                        ("max_log_sigma_drop", -0.5), ("max_log_sigma_drop", 101.0)])
 def test_the_new_inputs_refuse_bad_values_by_name(rule_nodes, name, value):
-    kw = {"cache_start_percent": 0.0, "sigma_power": 1.0, name: value}
+    kw = {"cache_start_percent": 0.0, "sigma_power": 1.0, "max_log_sigma_drop": 0.3, name: value}
     with pytest.raises(Exception, match=f"NegativeRuleCachedNegative.*{name}"):
         rule_nodes.NegativeRuleCachedNegative.execute(4, 1.06, 2, False, 0.25, 1.0, **kw)
 
@@ -169,7 +209,7 @@ def test_caching_starts_where_the_models_own_percent_puts_it(pack_nodes, tiny_mo
     ms = tiny_model.get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(ms, "normal", STEPS)
     start = next(i for i, s in enumerate(sigmas[:-1]) if float(s) <= float(ms.percent_to_sigma(percent)))
-    rule = rules.CachedNegative(every=3, full_start=0, from_percent=percent)
+    rule = rules.CachedNegative(every=3, full_start=0, from_percent=percent, max_log_sigma_drop=math.inf)
     with count_forwards(tiny_model) as rows:
         sampler_run(pack_nodes, tiny_model, rule)
     assert rows == [2] * start + [2 if (i - start) % 3 == 0 else 1 for i in range(start, STEPS)]
@@ -184,5 +224,5 @@ def test_a_sampler_it_cannot_serve_runs_full_cfg_and_says_so(pack_nodes, tiny_mo
     assert torch.equal(out, sampler_run(pack_nodes, tiny_model, sampler="heun"))
     assert "runs full CFG on the sampler heun (a test's entry)" in caplog.text
     with count_forwards(tiny_model) as rows:
-        sampler_run(pack_nodes, tiny_model, rules.CachedNegative(), sampler="euler")
+        sampler_run(pack_nodes, tiny_model, rules.CachedNegative(), sampler="euler", steps=30)
     assert 1 in rows  # other samplers are still served cheaply

@@ -129,8 +129,8 @@ RULES = [
     ("NegativeRuleDynamic", dict(scale=30.0, prior=0.5, temperature=1.0, offset=0.0, p_min=1e-6, p_max=0.99), ""),
     ("NegativeRuleMinSigma", dict(min_sigma=1.0, all_steps=False), None),
     ("NegativeRuleInterval", dict(sigma_low=0.28, sigma_high=5.42), None),
-    ("NegativeRuleCachedNegative", dict(every=4, growth=1.06, full_start=2, frequency_split=False, cutoff=0.25,
-                                        high_growth=1.0), None),
+    ("NegativeRuleCachedNegative", dict(every=3, growth=1.0, full_start=2, frequency_split=False, cutoff=0.25,
+                                        high_growth=1.0, sigma_power=0.5, max_log_sigma_drop=1.0), None),
 ]
 
 

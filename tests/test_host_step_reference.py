@@ -75,7 +75,8 @@ def draw(entry: str, i: int, models) -> HostCase:
             low, high = sorted(rnd.sample(points, 2)) if len(points) > 1 else (0.0, points[0])
             rule = RuleDesc("interval", {"sigma_low": low * 0.99, "sigma_high": high}, rule)
     if rnd.random() < 0.4:
-        rule = RuleDesc("cached", {"every": rnd.choice([2, 3]), "full_start": rnd.choice([0, 1]), "growth": 1.05}, rule)
+        rule = RuleDesc("cached", {"every": rnd.choice([2, 3]), "full_start": rnd.choice([0, 1]), "growth": 1.05,
+                                   "max_log_sigma_drop": rnd.choice([math.inf, 0.3, 2.0])}, rule)
     extras = [(rnd.choice([1.0, -0.5, 2.0]), *sorted((percent(), percent())), rnd.random() < 0.4)
               for _ in range(rnd.choice([0, 1, 2]))]
     extras = [(w, 0.0, 1.0, m) if rnd.random() < 0.5 else (w, s, e, m) for w, s, e, m in extras]
