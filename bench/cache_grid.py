@@ -9,7 +9,7 @@ evaluation (batch rows at the diffusion model's forward, per sample). Samplers w
 (``dpm_adaptive``) run at their own tolerance; ``dpm_fast`` takes the steps as its evaluations. Logs one
 markdown row per cell, then the worst cell of each criterion and the mean cost.
 
-    python bench/cache_grid.py [--n 512] [--candidates default,extrapolated,denoised,late] [--samplers all]
+    python bench/cache_grid.py [--n 512] [--candidates default,fixed,late_half] [--samplers all]
                                [--shard 1/1] [--out out/cache_grid.md]
 """
 from __future__ import annotations
@@ -32,18 +32,20 @@ SIZE, OFF_DATA = 192, 0.05
 
 
 def candidates(rules, names: list) -> dict:
-    """The candidate rules by name: the node's defaults ("default"), the same unbounded ("extrapolated", FasterCache's
-    growth alone), the difference kept in denoised space ("denoised"), caching only past 30% of the model's schedule
-    ("late"), and the difference following sqrt(sigma) ("half" every 3rd evaluation, "half4" every 4th,
-    "late_half" past 30%)."""
+    """The candidate rules by name: the node's defaults ("default": every 3rd evaluation at most, the difference
+    following sqrt(sigma), predicted again on a sigma that did not fall or fell by more than 0.3 in ln sigma),
+    the same with other limits ("drop05", "drop02"), the fixed cadence of the earlier defaults ("fixed": every 4th,
+    grown by 1.06 in noise space, bounded), the same unbounded ("extrapolated", FasterCache's growth alone),
+    and the fixed cadence past 30% of the model's schedule with the sqrt(sigma) difference ("late_half")."""
+    inf = float("inf")
     known = {
         "default": lambda: rules.CachedNegative(),
-        "extrapolated": lambda: rules.CachedNegative(bounded=False),
-        "denoised": lambda: rules.CachedNegative(every=3, growth=1.0, sigma_power=0.0),
-        "late": lambda: rules.CachedNegative(every=3, growth=1.0, from_percent=0.3),
-        "half": lambda: rules.CachedNegative(every=3, growth=1.0, sigma_power=0.5),
-        "half4": lambda: rules.CachedNegative(every=4, growth=1.0, sigma_power=0.5),
-        "late_half": lambda: rules.CachedNegative(every=3, growth=1.0, sigma_power=0.5, from_percent=0.3),
+        "drop05": lambda: rules.CachedNegative(max_log_sigma_drop=0.5),
+        "drop02": lambda: rules.CachedNegative(max_log_sigma_drop=0.2),
+        "fixed": lambda: rules.CachedNegative(every=4, growth=1.06, sigma_power=1.0, max_log_sigma_drop=inf),
+        "extrapolated": lambda: rules.CachedNegative(every=4, growth=1.06, sigma_power=1.0, max_log_sigma_drop=inf,
+                                                     bounded=False),
+        "late_half": lambda: rules.CachedNegative(from_percent=0.3, max_log_sigma_drop=inf),
     }
     return {name: known[name]() for name in names}
 
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--seed", type=int, default=7000)
-    parser.add_argument("--candidates", default="default,extrapolated,denoised,late")
+    parser.add_argument("--candidates", default="default")
     parser.add_argument("--samplers", default="all", help="comma-separated host sampler names, or all")
     parser.add_argument("--shard", default="1/1", help="i/k: run the i-th of k interleaved parts of the samplers")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "cache_grid.md")

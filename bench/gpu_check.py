@@ -4,8 +4,9 @@ Needs a CUDA device; without one it says so and exits 0. On the device it runs t
 SD1.5-shaped model (built there, no weights downloaded) through the real host and prints:
 
 1. per dtype (fp16, bf16): KSampler vs NegativeGuidanceSampler (defaults, hooks installed, 4 extra
-   negatives, trace on), median milliseconds per run from CUDA events over interleaved rounds,
-   and the ratio to KSampler; peak allocated memory of each;
+   negatives, trace on, the cached negative's fixed cadence and the same plan decided from sigma read
+   once per evaluation: their difference is what the adaptive rule's read costs), median milliseconds
+   per run from CUDA events over interleaved rounds, and the ratio to KSampler; peak allocated memory of each;
 2. per rule: one model evaluation of the guided model run under
    ``torch.cuda.set_sync_debug_mode("error")`` (a PREDICT_NOISE wrapper sets it around the call),
    PASS or the error; rules whose plan depends on sigma (windows, minimum sigma, interval) read
@@ -71,6 +72,8 @@ def speed(g, host_nodes, rules, tiny, dtype, rounds, size):
         "hooks installed": lambda: run(rule=hooked),
         "4 extra negatives": lambda: run(negatives=chain),
         "trace on": lambda: run(record_trace=True),
+        "cached negative, fixed cadence": lambda: run(rule=rules.CachedNegative(max_log_sigma_drop=float("inf"))),
+        "cached negative, same plan from sigma": lambda: run(rule=rules.CachedNegative(max_log_sigma_drop=1e9)),
     }
     medians = timed(cases, rounds)
     log.info("")
@@ -100,7 +103,9 @@ def sync_check(g, host_nodes, rules, tiny, dtype):
              ("Dynamic", {"rule": rules.DynamicNegative(), "unconditional": True}),
              ("window (reads sigma by design)", {"negative_start_percent": 0.5}),
              ("minimum sigma (reads sigma by design)", {"rule": rules.MinSigma(min_sigma=1.0)}),
-             ("interval (reads sigma by design)", {"rule": rules.GuidanceInterval()})]
+             ("interval (reads sigma by design)", {"rule": rules.GuidanceInterval()}),
+             ("cached negative, fixed cadence", {"rule": rules.CachedNegative(max_log_sigma_drop=float("inf"))}),
+             ("cached negative, adaptive (reads sigma by design)", {"rule": rules.CachedNegative()})]
     log.info("")
     log.info("%s: one guided model evaluation under set_sync_debug_mode('error')", dtype)
     for name, kw in cases:

@@ -14,7 +14,9 @@ baseline:
 5. trace recording on vs off (target <= 1.05);
 6. peak memory (max RSS of a fresh process) with and without the pack;
 7. the cached negative against no negative and full CFG in one run, with a window and extras:
-   time, forwards and batch rows per evaluation, and the latent's difference from full CFG.
+   time, forwards and batch rows per evaluation, and the latent's difference from full CFG;
+8. the cached negative at its defaults on the tiny families (SD1.5, SDXL, SD3, Flux at cfg 4, Wan): the
+   latent's relative L2 to full CFG's at the same seed, batch rows per evaluation, time against full CFG.
 
     .venv/0.8.0/bin/python bench/host_bench.py [--rounds 5] [--only 1,2]
 """
@@ -301,13 +303,42 @@ def cached_negative(ctx, rounds):
            "no negative (cfg 1, host)", notes)
 
 
-SECTIONS = {1: entry_points, 2: extra_negatives, 3: windows, 4: math_only, 5: trace_cost, 6: memory, 7: cached_negative}
+def cached_families(ctx, rounds):
+    """The cached negative at its defaults against full CFG on each tiny family, 30 euler steps, cfg 4."""
+    from families import FAMILIES
+
+    g, host_nodes = ctx["g"], ctx["host_nodes"]
+    rules = importlib.import_module("negative_guidance_pack.samplers.rules")
+    log.info("")
+    log.info("8. the cached negative at its defaults on the tiny families (30 euler steps, cfg 4, seed 0): latent's "
+             "relative L2 to full CFG's, batch rows per evaluation, time against full CFG")
+    for name in ("sd15", "sdxl", "sd3", "flux", "wan"):
+        f = FAMILIES[name]
+        model, pos, neg, lat = f.model(seed=1), f.cond(1), f.cond(2), f.latent()
+        scheduler = "simple" if f.flow else "normal"
+        cases = {
+            "full CFG (host)": lambda: host_nodes.common_ksampler(model, 0, 30, 4.0, "euler", scheduler, pos, neg,
+                                                                  lat)[0]["samples"],
+            "cached": lambda: g.NegativeGuidanceSampler.execute(model, 0, 30, 4.0, "euler", scheduler, pos, neg, lat,
+                                                                1.0, 0.0, 1.0, rule=rules.CachedNegative())[0]["samples"],
+        }
+        full = cases["full CFG (host)"]()
+        with count_forwards(model) as rows:
+            cached = cases["cached"]()
+        l2 = float((cached - full).norm() / full.norm())
+        medians = interleaved(cases, rounds)
+        log.info("  %-5s relative L2 %.2e, %.2f rows per evaluation (full CFG 2.00), time x%.3f", name, l2,
+                 sum(rows) / len(rows), medians["cached"] / medians["full CFG (host)"])
+
+
+SECTIONS = {1: entry_points, 2: extra_negatives, 3: windows, 4: math_only, 5: trace_cost, 6: memory, 7: cached_negative,
+            8: cached_families}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--only", default="1,2,3,4,5,6,7")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8")
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     host_nodes, g = load_host_and_pack()
