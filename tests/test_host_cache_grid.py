@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import cache_grid  # noqa: E402
 
 N, SEED = 512, 41000
-CELLS = [("euler", "karras", 8.0, 10), ("heun", "normal", 4.0, 10), ("dpm_2", "karras", 2.0, 10),
+CELLS = [("euler", "karras", 8.0, 10), ("heun", "normal", 4.0, 10), ("lms", "karras", 2.0, 10),
          ("dpmpp_2m", "karras", 8.0, 30), ("euler_ancestral", "simple", 4.0, 30), ("heun", "exponential", 2.0, 30)]
 OVERSHOOT = [("euler", "karras", 7.0, 20), ("euler", "karras", 8.0, 10)]
 
@@ -59,6 +59,12 @@ def test_the_fixed_cadence_unbounded_overshoots(grid):
     unbounded = cache_grid.candidates(rules, ["extrapolated"])["extrapolated"]
     worst = max(off_share(grid(*cell, unbounded)) - off_share(grid(*cell, None)) for cell in OVERSHOOT)
     assert worst > 5.0  # the measure can fail: FasterCache's growth alone leaves the data
+
+
+@pytest.mark.parametrize("sampler", sorted(rules.FULL_CFG_SAMPLERS))
+def test_each_sampler_it_cannot_serve_is_full_cfg(grid, sampler):
+    full, cached = grid(sampler, "karras", 4.0, 10, None), grid(sampler, "karras", 4.0, 10, rules.CachedNegative())
+    assert bool((full[0] == cached[0]).all()) and full[2] == cached[2] and cached[3] == 2.0
 
 
 def test_a_fallback_cell_is_full_cfg(grid, monkeypatch):
