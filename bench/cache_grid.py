@@ -10,7 +10,9 @@ evaluation (batch rows at the diffusion model's forward, per sample). Samplers w
 markdown row per cell, then the worst cell of each criterion and the mean cost.
 
     python bench/cache_grid.py [--n 512] [--candidates default,fixed,late_half] [--samplers all]
-                               [--shard 1/1] [--out out/cache_grid.md]
+                               [--schedulers karras,...] [--shard 1/1] [--out out/cache_grid.md]
+    python bench/cache_grid.py --merge out/a.md out/b.md   (the summary of runs split by --shard or --samplers;
+                                                             a cell in a later file replaces the same earlier one)
 """
 from __future__ import annotations
 
@@ -68,16 +70,79 @@ def run_cell(g, toy, model, vae, encode, lat, sampler, scheduler, cfg, steps, se
     return cls, off, share, sum(rows) / (len(rows) * lat["samples"].shape[0]), len(rows)
 
 
+def passes(r: dict) -> bool:
+    """The grid's quality criteria in one cell."""
+    return abs(r["share"][1] - r["share"][0]) <= 2 and r["same"] >= 95 and r["off"][1] <= r["off"][0] + 1
+
+
+def summarize(results: list, fallbacks: dict) -> None:
+    """Per candidate and sampler: cells within the criteria, the worst of each criterion and the cost; then per
+    candidate the grid's worst cells, its mean cost and the samplers that run full CFG (``fallbacks``, with why)."""
+    log.info("")
+    log.info("| sampler | candidate | cells | within all criteria | worst share diff. | fewest same | most off (cand. - "
+             "full) | mean branches | max |")
+    log.info("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    names = list(dict.fromkeys(r["candidate"] for r in results))
+    for sampler in dict.fromkeys(r["sampler"] for r in results):
+        for name in names:
+            rows = [r for r in results if r["candidate"] == name and r["sampler"] == sampler]
+            if rows:
+                log.info("| %s | %s | %d | %d | %.1f | %.1f | %.1f | %.2f | %.2f |", sampler, name, len(rows),
+                         sum(map(passes, rows)), max(abs(r["share"][1] - r["share"][0]) for r in rows),
+                         min(r["same"] for r in rows), max(r["off"][1] - r["off"][0] for r in rows),
+                         sum(r["branches"] for r in rows) / len(rows), max(r["branches"] for r in rows))
+    for name in names:
+        rows = [r for r in results if r["candidate"] == name]
+        share = max(rows, key=lambda r: abs(r["share"][1] - r["share"][0]))
+        same = min(rows, key=lambda r: r["same"])
+        off = max(rows, key=lambda r: r["off"][1] - r["off"][0])
+        cost = sum(r["branches"] for r in rows) / len(rows)
+        log.info("")
+        log.info("%s: %d of %d cells (%d samplers) within the criteria; mean %.3f branches per evaluation, %d cells "
+                 "above 1.5", name, sum(map(passes, rows)), len(rows), len({r["sampler"] for r in rows}), cost,
+                 sum(r["branches"] > 1.5 for r in rows))
+        for label, r in (("largest share difference", share), ("fewest same pictures", same), ("most off data", off)):
+            log.info("  %s: %s %s cfg %g, %d steps: mustache %.1f / %.1f, same %.1f%%, off %.1f / %.1f", label,
+                     r["sampler"], r["scheduler"], r["cfg"], r["steps"], *r["share"], r["same"], *r["off"])
+    samplers = dict.fromkeys(r["sampler"] for r in results)
+    log.info("full CFG (fallback) on %s", "; ".join(f"{s}: {fallbacks[s]}" for s in samplers if s in fallbacks)
+             or "no sampler")
+
+
+def read_rows(path: Path) -> list:
+    """The cells of a grid log this script wrote (its markdown rows)."""
+    out = []
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 9 or cells[0] in ("sampler", "---") or "/" not in cells[5]:
+            continue
+        sampler, scheduler, cfg, steps, name, share, same, off, branches = cells
+        out.append(dict(sampler=sampler, scheduler=scheduler, cfg=float(cfg), steps=int(steps), candidate=name,
+                        share=tuple(map(float, share.split("/"))), same=float(same),
+                        off=tuple(map(float, off.split("/"))), branches=float(branches)))
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--seed", type=int, default=7000)
     parser.add_argument("--candidates", default="default")
     parser.add_argument("--samplers", default="all", help="comma-separated host sampler names, or all")
+    parser.add_argument("--schedulers", default=",".join(SCHEDULERS), help="comma-separated, of " + ", ".join(SCHEDULERS))
     parser.add_argument("--shard", default="1/1", help="i/k: run the i-th of k interleaved parts of the samplers")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "cache_grid.md")
+    parser.add_argument("--merge", type=Path, nargs="+", help="only summarize earlier runs' --out files, in order")
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if opts.merge:
+        load_host_and_pack()
+        rules = importlib.import_module("negative_guidance_pack.samplers.rules")
+        cells = {}  # a cell measured again in a later file replaces the earlier one
+        for r in (r for path in opts.merge for r in read_rows(path)):
+            cells[r["sampler"], r["scheduler"], r["cfg"], r["steps"], r["candidate"]] = r
+        summarize(list(cells.values()), rules.FULL_CFG_SAMPLERS)
+        return 0
     host_nodes, g = load_host_and_pack()
     logging.getLogger().setLevel(logging.WARNING)
     log.setLevel(logging.INFO)
@@ -99,7 +164,7 @@ def main(argv=None) -> int:
     log.info("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     results, start = [], time.perf_counter()
     for sampler in samplers:
-        for scheduler in SCHEDULERS:
+        for scheduler in opts.schedulers.split(","):
             for cfg in CFGS:
                 for steps in STEPS:
                     full = run_cell(g, toy, model, vae, encode, lat, sampler, scheduler, cfg, steps, opts.seed, None)
@@ -113,22 +178,7 @@ def main(argv=None) -> int:
                         results.append(row)
                         log.info("| %s | %s | %g | %d | %s | %.1f / %.1f | %.1f | %.1f / %.1f | %.2f |", sampler,
                                  scheduler, cfg, steps, name, *row["share"], row["same"], *row["off"], row["branches"])
-    for name in rules_by_name:
-        rows = [r for r in results if r["candidate"] == name]
-        share = max(rows, key=lambda r: abs(r["share"][1] - r["share"][0]))
-        same = min(rows, key=lambda r: r["same"])
-        off = max(rows, key=lambda r: r["off"][1] - r["off"][0])
-        cost = sum(r["branches"] for r in rows) / len(rows)
-        passed = sum(abs(r["share"][1] - r["share"][0]) <= 2 and r["same"] >= 95 and r["off"][1] <= r["off"][0] + 1
-                     for r in rows)
-        log.info("")
-        log.info("%s: %d of %d cells within the criteria; mean %.3f branches per evaluation, %d cells above 1.5",
-                 name, passed, len(rows), cost, sum(r["branches"] > 1.5 for r in rows))
-        for label, r in (("largest share difference", share), ("fewest same pictures", same), ("most off data", off)):
-            log.info("  %s: %s %s cfg %g, %d steps: mustache %.1f / %.1f, same %.1f%%, off %.1f / %.1f", label,
-                     r["sampler"], r["scheduler"], r["cfg"], r["steps"], *r["share"], r["same"], *r["off"])
-    fallbacks = [(s, rules.FULL_CFG_SAMPLERS[s]) for s in samplers if s in rules.FULL_CFG_SAMPLERS]
-    log.info("full CFG (fallback) on %s", "; ".join(f"{s}: {why}" for s, why in fallbacks) or "no sampler")
+    summarize(results, rules.FULL_CFG_SAMPLERS)
     log.info("%d cells in %.0f s", len(results), time.perf_counter() - start)
     return 0
 
