@@ -7,7 +7,8 @@ sample from full CFG's sample of the same seed (in concept stds), the share of s
 (farther than 4 stds from every concept; overshoot the share alone would count as "no mustache")
 and the branches predicted per model evaluation (full CFG 2). Settings: step windows, minimum
 sigma, the guidance interval and the cached negative, at its defaults, at its earlier fixed cadence
-(every 4, growth 1.06 in noise space) and with the growth that suits each sampler on that cadence. Then the cached negative's frequency split, measured on the toy pictures.
+(every 4, growth 1.06 in noise space) and with the growth that suits each sampler on that cadence.
+Then the cached negative's frequency split, measured on the toy pictures.
 Writes the chart, branches per evaluation against removal, to ``out/toy_cost.png``.
 
     python bench/toy_cost.py [--n 1500] [--steps 30] [--out out/toy_cost.png]

@@ -311,7 +311,7 @@ class CacheState(TypedDict):
     tensor or a (low, high) pair), the evaluation it was cached at (``at``), where each extra's conditioning
     reached then (``cover``), the per-sample lengths of its last two measured ``D_pos - D_b`` (``norms``), the current
     evaluation (``now``), where the cadence starts (``start``), the previous evaluation's sigma (``sigma``) and the
-    last evaluation it did not rebuild with its sigma (``predicted``)."""
+    last evaluation it did not rebuild with its sigma (``kept``)."""
 
     inner: RunState
     diff: dict
@@ -321,7 +321,7 @@ class CacheState(TypedDict):
     now: int
     start: int | None
     sigma: float | None
-    predicted: tuple
+    kept: tuple
 
 
 RunState = APGState | DynamicState | CacheState | None
@@ -606,10 +606,8 @@ class CachedNegative(_Wrapping):
         number("high_growth", self.high_growth, 0.0, 10.0)
         number("from_percent", self.from_percent, 0.0, 1.0)
         number("sigma_power", self.sigma_power, 0.0, 2.0)
-        drop = self.max_log_sigma_drop
-        if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not drop >= 0.0:
-            raise ParameterError("max_log_sigma_drop", "must be a number of at least 0 (inf: the fixed cadence)",
-                                 repr(self.max_log_sigma_drop))
+        if self.max_log_sigma_drop != math.inf:
+            number("max_log_sigma_drop", self.max_log_sigma_drop, 0.0, None, hint=" (inf: the fixed cadence)")
         if not (self.from_sigma > 0.0):
             raise ParameterError("from_sigma", "must be above 0 (inf: cache from the start)", repr(self.from_sigma))
         _check_inner(self.inner, "must not be another cached negative")
@@ -628,7 +626,7 @@ class CachedNegative(_Wrapping):
         previous, state["sigma"] = state["sigma"], sigma
         rebuilds = self._rebuilds(call_index, sigma, previous, state)
         if not rebuilds:
-            state["predicted"] = (call_index, sigma)
+            state["kept"] = (call_index, sigma)
         return rebuilds
 
     def _rebuilds(self, n: int, sigma: float | None, previous: float | None, state: CacheState) -> bool:
@@ -636,7 +634,7 @@ class CachedNegative(_Wrapping):
             return False
         if state["start"] is None and (sigma is None or sigma <= self.from_sigma):
             state["start"] = n
-        last, at = state["predicted"]
+        last, at = state["kept"]
         if state["start"] is None or n == state["start"] or n - max(last, state["start"]) >= self.every:
             return False
         if not self.adaptive:
@@ -646,7 +644,7 @@ class CachedNegative(_Wrapping):
 
     def new_state(self) -> CacheState:
         return {"inner": self._rule.new_state(), "diff": {}, "at": {}, "cover": {}, "norms": {}, "now": 0,
-                "start": None, "sigma": None, "predicted": (-1, math.inf)}
+                "start": None, "sigma": None, "kept": (-1, math.inf)}
 
     def combine(self, s: StepInputs, state: CacheState) -> torch.Tensor:
         return self._rule.combine(s, state["inner"])
