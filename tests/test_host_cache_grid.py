@@ -1,7 +1,9 @@
 """A few cells of the cached negative's grid (``bench/cache_grid.py``) at seeds the benchmark does not use, through
 the host on the toy model: at the node's defaults each cell meets the grid's criteria against full CFG (mustache
 share within 2 points, at least 95% the same pictures, no more off the data +1 point), where the fixed cadence
-with FasterCache's unbounded growth overshoots; a sampler it cannot serve is exactly full CFG."""
+with FasterCache's unbounded growth overshoots; a sampler it cannot serve is exactly full CFG. The work the grid
+skips is checked here too: a candidate it takes from full CFG's run is that run, and without CUDA a ``_gpu``
+sampler is its twin."""
 from __future__ import annotations
 
 import importlib
@@ -9,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from negative_guidance_pack.samplers import rules
 
@@ -37,12 +40,13 @@ def grid(host, host_nodes):
 
 
 def off_share(result) -> float:
-    return 100 * float(result[1].double().mean())
+    return 100 * float(result["off"].double().mean())
 
 
 def criteria(full, cached) -> dict:
     """The grid's three measures of one cell: mustache points apart, same pictures (%), extra points off the data."""
-    return {"share": 100 * abs(cached[2] - full[2]), "same": 100 * float((full[0] == cached[0]).double().mean()),
+    return {"share": 100 * abs(cached["share"] - full["share"]),
+            "same": 100 * float((full["cls"] == cached["cls"]).double().mean()),
             "off": off_share(cached) - off_share(full)}
 
 
@@ -52,7 +56,7 @@ def test_the_defaults_keep_full_cfgs_pictures(grid, sampler, scheduler, cfg, ste
     c = criteria(full, cached)
     assert c["share"] <= 2.0 and c["same"] >= 95.0 and c["off"] <= 1.0, c
     if steps == 30 and scheduler != "exponential":
-        assert cached[3] < 2.0  # branches per evaluation: small steps are served cheaply
+        assert cached["branches"] < 2.0  # branches per evaluation: small steps are served cheaply
 
 
 def test_the_fixed_cadence_unbounded_overshoots(grid):
@@ -64,10 +68,37 @@ def test_the_fixed_cadence_unbounded_overshoots(grid):
 @pytest.mark.parametrize("sampler", sorted(rules.FULL_CFG_SAMPLERS))
 def test_each_sampler_it_cannot_serve_is_full_cfg(grid, sampler):
     full, cached = grid(sampler, "karras", 4.0, 10, None), grid(sampler, "karras", 4.0, 10, rules.CachedNegative())
-    assert bool((full[0] == cached[0]).all()) and full[2] == cached[2] and cached[3] == 2.0
+    assert torch.equal(full["out"], cached["out"]) and cached["branches"] == 2.0
 
 
 def test_a_fallback_cell_is_full_cfg(grid, monkeypatch):
     monkeypatch.setitem(rules.FULL_CFG_SAMPLERS, "euler", "a test's entry")
     full, cached = grid("euler", "normal", 4.0, 10, None), grid("euler", "normal", 4.0, 10, rules.CachedNegative())
-    assert bool((full[0] == cached[0]).all()) and full[2] == cached[2] and cached[3] == 2.0
+    assert torch.equal(full["out"], cached["out"]) and cached["branches"] == 2.0
+
+
+SHORTCUT = [("euler", "karras", 8.0, 10, True), ("heun", "normal", 4.0, 10, True), ("dpm_2", "simple", 2.0, 30, True),
+            ("exp_heun_2_x0", "simple", 4.0, 10, False), ("dpmpp_2m", "simple", 4.0, 30, False)]
+
+
+@pytest.mark.parametrize("sampler,scheduler,cfg,steps,expected", SHORTCUT)
+def test_a_candidate_the_grid_takes_from_full_cfg_is_full_cfgs_run(grid, sampler, scheduler, cfg, steps, expected):
+    """The grid does not run a candidate that predicts both branches at every evaluation of full CFG's run (its
+    plan from that run's sigmas, or a fallback sampler); run anyway it is that run, bit for bit, and no other is."""
+    rule = rules.CachedNegative()
+    full, cached = grid(sampler, scheduler, cfg, steps, None), grid(sampler, scheduler, cfg, steps, rule)
+    taken = cache_grid.full_throughout(rule, full, sampler, rules.FULL_CFG_SAMPLERS, N)
+    assert taken == expected == torch.equal(full["out"], cached["out"]) == (cached["branches"] == 2.0)
+    if taken:
+        assert cached["sigmas"] == full["sigmas"]
+
+
+def test_without_cuda_a_gpu_sampler_is_its_twin(grid):
+    """The grid takes a ``_gpu`` sampler's cells from its twin where there is no CUDA, and only there."""
+    samplers = ["dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_sde_gpu", "euler"]
+    assert cache_grid.gpu_twins(samplers, cuda=True) == {}
+    assert cache_grid.gpu_twins(samplers, cuda=False) == {"dpmpp_2m_sde_gpu": "dpmpp_2m_sde"}
+    rule = rules.CachedNegative()
+    for r in (None, rule):
+        assert torch.equal(grid("dpmpp_2m_sde", "karras", 4.0, 10, r)["out"],
+                           grid("dpmpp_2m_sde_gpu", "karras", 4.0, 10, r)["out"])
