@@ -78,7 +78,7 @@ def test_a_fallback_cell_is_full_cfg(grid, monkeypatch):
 
 
 SHORTCUT = [("euler", "karras", 8.0, 10, True), ("heun", "normal", 4.0, 10, True), ("dpm_2", "simple", 2.0, 30, True),
-            ("exp_heun_2_x0", "simple", 4.0, 10, False), ("dpmpp_2m", "simple", 4.0, 30, False)]
+            ("dpmpp_2s_ancestral", "karras", 4.0, 10, False), ("dpmpp_2m", "simple", 4.0, 30, False)]
 
 
 @pytest.mark.parametrize("sampler,scheduler,cfg,steps,expected", SHORTCUT)
