@@ -13,11 +13,16 @@ What a patched clone carries (no forward method is replaced, nothing of the host
 
 The override (``nag_attention.py``) hands the call to ``samplers.nag``, which splits the texts again
 and combines the attention outputs before the layer's output projection, where the paper puts NAG.
+
+A ``CALC_COND_BATCH`` wrapper counts what each evaluation guided and an ``OUTER_SAMPLE`` wrapper logs it
+per run; at the first evaluation inside the window that ran the model, guiding no row or no attention
+layer stops the run with an ``InputError`` (docs/nag.md, "Never a silent no-op").
 """
 from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 from comfy_api.latest import io
@@ -79,11 +84,56 @@ def guided_rows(transformer_options: dict, batch: int, device) -> torch.Tensor |
     return _index(rows, device) if rows else None
 
 
-class NagPatch:
-    """The hooks of one NAG node: a model-call wrapper, an attention override, and (UNets) an attn2 marker."""
+@dataclass
+class Reach:
+    """What NAG reached in one evaluation: the model calls made and their rows, the guided (positive) rows inside
+    the window, the attention calls that went through NAG and the most it guided in one call."""
 
-    def __init__(self, adapter, negative: Negative, params: Params, window: SigmaWindow):
+    calls: int = 0
+    rows: int = 0
+    guided_rows: int = 0
+    attention: int = 0
+    layers: int = 0
+    outside: bool = False  # a call with positive rows outside the window
+
+
+@dataclass
+class RunReach:
+    """What NAG guided over one sampling run, for its log line."""
+
+    evaluations: int = 0
+    skipped: int = 0  # evaluations inside the window whose model another node's cache skipped
+    layers: tuple = ()
+    guided_rows: tuple = ()
+    rows: tuple = ()
+    checked: bool = False
+
+    def add(self, reach: Reach) -> None:
+        if not reach.attention:
+            self.skipped += 1
+            return
+        self.evaluations += 1
+        self.layers, self.guided_rows, self.rows = (tuple({*v, n}) for v, n in (
+            (self.layers, reach.layers), (self.guided_rows, reach.guided_rows), (self.rows, reach.rows)))
+
+    def describe(self) -> str:
+        skipped = f" (and {self.skipped} whose model another node skipped)" if self.skipped else ""
+        if not self.evaluations:
+            return "no evaluation inside its window ran the model" + skipped
+        span = lambda v: "-".join(map(str, sorted({min(v), max(v)})))  # noqa: E731
+        return (f"evaluations inside its window: {self.evaluations}{skipped}; guided per evaluation: attention layers "
+                f"{span(self.layers)}, rows {span(self.guided_rows)} of {span(self.rows)}")
+
+
+class NagPatch:
+    """The hooks of one NAG node: a model-call wrapper, an attention override, (UNets) an attn2 marker, and the
+    evaluation and run wrappers that check and log what it reached."""
+
+    def __init__(self, adapter, negative: Negative, params: Params, window: SigmaWindow, model_class: str):
         self.adapter, self.negative, self.params, self.window = adapter, negative, params, window
+        self.model_class = model_class
+        self._reach: Reach | None = None
+        self._run = RunReach()
 
     def _active(self, sigma: torch.Tensor) -> bool:
         # One device->host read per model call, and only when a window makes NAG depend on sigma
@@ -94,7 +144,11 @@ class NagPatch:
                     **kwargs):
         transformer_options = transformer_options if transformer_options is not None else {}
         rows = guided_rows(transformer_options, x.shape[0], x.device)
-        if rows is None or c_crossattn is None or not self._active(t):
+        reach = self._reach if self._reach is not None else Reach()
+        reach.calls, reach.rows = reach.calls + 1, reach.rows + x.shape[0]
+        if rows is not None and c_crossattn is not None and not self._active(t):
+            reach.outside = True
+        if rows is None or c_crossattn is None or reach.outside:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         dm = executor.class_obj.diffusion_model
         try:
@@ -108,7 +162,50 @@ class NagPatch:
         options[STATE_KEY] = state
         options["optimized_attention_override"] = functools.partial(
             attention_override, transformer_options.get("optimized_attention_override"), state)
-        return executor(p.x, p.t, p.c_concat, p.context, p.control, options, **p.kwargs)
+        out = executor(p.x, p.t, p.c_concat, p.context, p.control, options, **p.kwargs)
+        reach.guided_rows += len(rows)
+        reach.attention += sum(state.calls.values())
+        reach.layers = max(reach.layers, sum(state.calls.get(k, 0) for k in ("cross", "joint", "text")))
+        return out
+
+    def calc_cond_batch(self, executor, model, conds, x, timestep, model_options, *args, **kwargs):
+        """One evaluation's model calls: what they guided, checked at the first evaluation inside the window."""
+        reach, outer = Reach(), self._reach
+        self._reach = reach
+        try:
+            out = executor(model, conds, x, timestep, model_options, *args, **kwargs)
+        finally:
+            self._reach = outer
+        if reach.guided_rows:
+            self._run.add(reach)
+        if not self._run.checked and reach.calls:
+            self._check(reach, timestep)
+        return out
+
+    def _check(self, reach: Reach, timestep) -> None:
+        """Never a silent no-op: stop at the first evaluation inside the window that guided no row or no layer
+        (an evaluation whose model another node's cache skipped, where no attention ran, is not checked)."""
+        if not reach.guided_rows:
+            if not reach.outside and self._active(timestep):
+                self._run.checked = True
+                raise InputError(NODE, "model", f"is a {self.model_class} whose model calls held no row of the "
+                                 "positive prompt (the host's cond_or_uncond 0): another node relabelled or moved "
+                                 "the prompts, so NAG would guide nothing")
+            return
+        if not reach.attention:
+            return
+        self._run.checked = True
+        if reach.layers == 0 and self.params.alpha > 0.0:
+            raise InputError(NODE, "model", f"is a {self.model_class} none of whose {reach.attention} attention calls "
+                             f"NAG could guide: none attended over the {self.adapter.name} text with the negative's "
+                             "tokens NAG appended (another node changed or replaced the text after NAG)")
+
+    def outer_sample(self, executor, *args, **kwargs):
+        """One sampling run, logged with what NAG guided in it."""
+        self._run = RunReach()
+        out = executor(*args, **kwargs)
+        log.info("%s on %s (%s): %s", NODE, self.model_class, self.adapter.name, self._run.describe())
+        return out
 
     def attn2_patch(self, n, context, value, extra_options):
         state = extra_options.get(STATE_KEY)
@@ -192,9 +289,12 @@ def apply_nag(model, negative, scale: float, tau: float, alpha: float, norm: str
     if scale == 1.0:
         return model  # Z~ = Z+: NAG is the identity
     patch = NagPatch(adapter, Negative(negative), Params(float(scale), float(tau), float(alpha), norm),
-                     _window(model, start_percent, end_percent))
+                     _window(model, start_percent, end_percent), type(dm).__name__)
     m = model.clone()
-    m.add_wrapper_with_key(comfy_wrappers().APPLY_MODEL, WRAPPER_KEY, patch.apply_model)
+    wrappers = comfy_wrappers()
+    m.add_wrapper_with_key(wrappers.APPLY_MODEL, WRAPPER_KEY, patch.apply_model)
+    m.add_wrapper_with_key(wrappers.CALC_COND_BATCH, WRAPPER_KEY, patch.calc_cond_batch)
+    m.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, patch.outer_sample)
     if adapter.identify_cross_by_patch:
         m.set_model_attn2_patch(patch.attn2_patch)
     return m

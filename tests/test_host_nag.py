@@ -392,3 +392,129 @@ def test_on_cross_attention_models_nag_adds_exactly_one_cross_attention_per_laye
         expected += sum(2 * 5 * m.weight.shape[0] * m.weight.shape[1] for m in embed().modules()
                         if isinstance(m, torch.nn.Linear))
     assert guided - plain == expected
+
+
+# ---------------------------------------------------------------------------- never a silent no-op
+
+
+def _cross_layers(model) -> int:
+    """The model's text cross-attention modules, counted from the host's own module names."""
+    dm = model.get_model_object("diffusion_model")
+    return sum(1 for n, _ in dm.named_modules() if n.endswith("attn2") or n.endswith("cross_attn"))
+
+
+def _logged(caplog) -> str:
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("NegativeAttentionGuidance on ")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("name,cfg,rows", [("sd15", 1.0, "1 of 1"), ("sd15", 2.0, "1 of 2"), ("wan", 1.0, "1 of 1")])
+def test_each_run_logs_the_layers_and_rows_nag_guided(nag, host_nodes, caplog, name, cfg, rows):
+    f = ALL_FAMILIES[name]
+    pos, neg, nag_neg = prompts(f)
+    model = patched(nag, f.model(), nag_neg)
+    with caplog.at_level("INFO", logger="negative_guidance_pack"):
+        sample(host_nodes, model, f, pos, neg, cfg=cfg)
+    assert (f"evaluations inside its window: {STEPS}; guided per evaluation: attention layers {_cross_layers(model)}, "
+            f"rows {rows}") in _logged(caplog)
+
+
+def test_positive_and_negative_in_separate_model_calls_are_guided_as_in_one(nag, host_nodes, caplog):
+    """The host splits cond and uncond into separate model calls when memory is short (here: a model whose every
+    batch is too large); NAG guides the positive's call as it guides the positive's rows of one call."""
+    f = ALL_FAMILIES["sd15"]
+    pos, neg, nag_neg = prompts(f)
+    together = sample(host_nodes, patched(nag, f.model(), nag_neg), f, pos, neg, cfg=2.0)
+    short = f.model().clone()
+    short.add_object_patch("memory_usage_factor", 1e30)
+    model = patched(nag, short, nag_neg)
+    caplog.clear()
+    with count_forwards(model) as forwards, caplog.at_level("INFO", logger="negative_guidance_pack"):
+        apart = sample(host_nodes, model, f, pos, neg, cfg=2.0)
+    assert forwards == [1, 1] * STEPS and rel_diff(apart, together) <= 1e-5
+    assert _logged(caplog).endswith(", rows 1 of 2")
+
+
+def _relabelled(model):
+    """A clone whose model calls another node relabels as unconditional (outside NAG's wrapper)."""
+    import comfy.patcher_extension
+
+    def relabel(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        options = dict(transformer_options, cond_or_uncond=[1] * len(transformer_options["cond_or_uncond"]))
+        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+
+    m = model.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_relabel", relabel)
+    return m
+
+
+def _text_cut(model, tokens):
+    """A clone whose text another node cuts to its first ``tokens`` tokens after NAG extended it."""
+    import comfy.patcher_extension
+
+    def cut(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        return executor(x, t, c_concat, c_crossattn[:, :tokens], control, transformer_options, **kwargs)
+
+    m = model.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_cut", cut)
+    return m
+
+
+def test_nag_that_guides_no_row_stops_at_the_first_evaluation_inside_its_window(nag, host_nodes):
+    import comfy.samplers
+
+    f = ALL_FAMILIES["sd15"]
+    pos, neg, nag_neg = prompts(f)
+    seen, model = [], patched(nag, _relabelled(f.model()), nag_neg, window=(0.5, 1.0))
+    ms = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "normal", STEPS)[:-1].tolist()
+    first_inside = next(i for i, s in enumerate(sigmas) if s <= ms.percent_to_sigma(0.5))
+    with pytest.raises(ValueError, match=r"NegativeAttentionGuidance: input 'model' is a UNetModel whose model calls "
+                                         r"held no row of the positive prompt"):
+        sample(host_nodes, _counting(model, seen), f, pos, neg)
+    assert first_inside > 0 and len(seen) == first_inside + 1  # the evaluations before the window, then the first
+
+
+def test_nag_that_guides_no_layer_stops_the_run_unless_it_is_off(nag, host_nodes):
+    f = ALL_FAMILIES["wan"]
+    pos, neg, nag_neg = prompts(f)
+    with pytest.raises(ValueError, match=r"input 'model' is a WanModel none of whose \d+ attention calls NAG could "
+                                         r"guide"):
+        sample(host_nodes, _text_cut(patched(nag, f.model(), nag_neg), TOKENS), f, pos, neg)
+    off = _text_cut(patched(nag, f.model(), nag_neg, params=(8.0, 3.0, 0.0)), TOKENS)
+    assert torch.isfinite(sample(host_nodes, off, f, pos, neg)).all()
+
+
+def _counting(model, seen):
+    """A clone that records the sigma of every evaluation (a CALC_COND_BATCH wrapper outside NAG's)."""
+    import comfy.patcher_extension
+
+    def count(executor, model_, conds, x, timestep, model_options, *args, **kwargs):
+        seen.append(float(timestep[0]))
+        return executor(model_, conds, x, timestep, model_options, *args, **kwargs)
+
+    m = model.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "test_count", count)
+    return m
+
+
+def test_evaluations_another_nodes_cache_skipped_are_not_errors(nag, host_nodes, caplog):
+    """A cache that returns without running the diffusion model (a DIFFUSION_MODEL wrapper, as the host's EasyCache)
+    at the first evaluations: NAG reached no attention there, which is not a no-op of NAG's."""
+    import comfy.patcher_extension
+
+    f = ALL_FAMILIES["flux"]
+    pos, neg, nag_neg = prompts(f)
+    calls = []
+
+    def cache(executor, x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return torch.zeros_like(x) if len(calls) <= 2 else executor(x, *args, **kwargs)
+
+    model = patched(nag, f.model(), nag_neg).clone()
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test_cache", cache)
+    with caplog.at_level("INFO", logger="negative_guidance_pack"):
+        out = sample(host_nodes, model, f, pos, neg)
+    assert torch.isfinite(out).all() and len(calls) == STEPS
+    assert f"evaluations inside its window: {STEPS - 2} (and 2 whose model another node skipped);" in _logged(caplog)
