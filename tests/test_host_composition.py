@@ -3,6 +3,7 @@ LoRA-style weight patch, in both orders: everything runs, stays finite, and ever
 from __future__ import annotations
 
 import importlib
+import re
 
 import pytest
 import torch
@@ -71,3 +72,33 @@ def test_all_of_them_at_once(pack_nodes, host_nodes, tiny_model):
         model = patch(model)
     out = _run(host_nodes, _ours(pack_nodes, model))
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("order", ["pack first", "NAG first"])
+def test_nag_composes_with_the_packs_guidance_and_guides_only_the_positive_row(pack_nodes, host_nodes, tiny_model,
+                                                                                caplog, order):
+    """NAG and the pack's guidance (an extra negative, an unconditional, a cached negative) on one model: the pack's
+    batched call carries the positive, the negatives and the unconditional; NAG guides the positive's row alone,
+    every evaluation, and at alpha 0 leaves the pack's result as it is."""
+    nag = importlib.import_module("negative_guidance_pack.nodes.nag")
+    rules = importlib.import_module("negative_guidance_pack.samplers.rules")
+
+    def ours(model):
+        negs = pack_nodes.WeightedNegative.execute(cond(3), 2.0, 0.0, 1.0)[0]
+        rule = rules.CachedNegative(every=2, full_start=1, max_log_sigma_drop=float("inf"))
+        return pack_nodes.NegativeGuidance.execute(model, 0.0, 1.0, negatives=negs, unconditional=cond(4), rule=rule)[0]
+
+    def with_nag(model, alpha=0.25):
+        return nag.NegativeAttentionGuidance.execute(model, cond(7), 4.0, 2.5, alpha, "L1", 0.0, 1.0)[0]
+
+    def both(alpha=0.25):
+        return with_nag(ours(tiny_model), alpha) if order == "pack first" else ours(with_nag(tiny_model, alpha))
+
+    alone = _run(host_nodes, ours(tiny_model))
+    assert rel_diff(_run(host_nodes, both(alpha=0.0)), alone) <= 1e-5
+    caplog.clear()
+    with caplog.at_level("INFO", logger="negative_guidance_pack"):
+        out = _run(host_nodes, both())
+    assert torch.isfinite(out).all() and rel_diff(out, alone) > 1e-4
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("NegativeAttentionGuidance on ")]
+    assert len(lines) == 1 and re.search(r"evaluations inside its window: 3; .*, rows 1 of [\d-]+$", lines[0]), lines
