@@ -178,8 +178,8 @@ class NagPatch:
             self._reach = outer
         if reach.guided_rows:
             self._run.add(reach)
-        if not self._run.checked and reach.calls:
-            self._check(reach, timestep)
+        if not self._run.checked and reach.calls and conds and conds[0] is not None:
+            self._check(reach, timestep)  # a call with no positive (the host's [None, uncond]) has nothing to guide
         return out
 
     def _check(self, reach: Reach, timestep) -> None:

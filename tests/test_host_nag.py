@@ -518,3 +518,47 @@ def test_evaluations_another_nodes_cache_skipped_are_not_errors(nag, host_nodes,
         out = sample(host_nodes, model, f, pos, neg)
     assert torch.isfinite(out).all() and len(calls) == STEPS
     assert f"evaluations inside its window: {STEPS - 2} (and 2 whose model another node skipped);" in _logged(caplog)
+
+
+def _apart(order):
+    """A ``sampler_calc_cond_batch_function`` of another node that predicts cond and uncond in separate host calls,
+    each with the other left None (as the host's SkipLayerGuidanceDiTSimple does), in the given order."""
+    import comfy.samplers
+
+    def calc(args):
+        cond, uncond = args["conds"]
+        model, x, sigma, options = args["model"], args["input"], args["sigma"], args["model_options"]
+        out = {}
+        for which in order:
+            conds = [cond, None] if which == "cond" else [None, uncond]
+            out[which] = comfy.samplers.calc_cond_batch(model, conds, x, sigma, options)[0 if which == "cond" else 1]
+        return [out["cond"], out["uncond"]]
+    return calc
+
+
+@pytest.mark.parametrize("order", [("cond", "uncond"), ("uncond", "cond")])
+def test_a_call_with_no_positive_is_not_a_no_op_of_nags(nag, host_nodes, caplog, order):
+    """Another node predicting the uncond in a call of its own, before or after the cond's, with the host's
+    SkipLayerGuidanceDiTSimple's layout: NAG guides the cond's call and the run is not stopped."""
+    f = ALL_FAMILIES["sd15"]
+    pos, neg, nag_neg = prompts(f)
+    together = sample(host_nodes, patched(nag, f.model(), nag_neg), f, pos, neg, cfg=2.0)
+    model = patched(nag, f.model(), nag_neg).clone()
+    model.set_model_sampler_calc_cond_batch_function(_apart(order))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="negative_guidance_pack"):
+        apart = sample(host_nodes, model, f, pos, neg, cfg=2.0)
+    assert rel_diff(apart, together) <= 1e-5
+    assert _logged(caplog).endswith(f"evaluations inside its window: {STEPS}; guided per evaluation: attention layers "
+                                    f"{_cross_layers(model)}, rows 1 of 1")
+
+
+def test_nag_runs_beside_the_hosts_skip_layer_guidance(nag, host_nodes):
+    """The host's SkipLayerGuidanceDiTSimple (its uncond in a call of its own) on Flux with NAG at cfg 2."""
+    slg = importlib.import_module("comfy_extras.nodes_slg")
+    f = ALL_FAMILIES["flux"]
+    pos, neg, nag_neg = prompts(f)
+    nag_only = sample(host_nodes, patched(nag, f.model(), nag_neg), f, pos, neg, cfg=2.0)
+    both = slg.SkipLayerGuidanceDiTSimple.execute(patched(nag, f.model(), nag_neg), 0.0, 1.0, "0", "0")[0]
+    out = sample(host_nodes, both, f, pos, neg, cfg=2.0)
+    assert torch.isfinite(out).all() and rel_diff(out, nag_only) > 1e-4
