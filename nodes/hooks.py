@@ -231,11 +231,11 @@ class _Run:
         if self.prev_calc is None:
             out = comfy.samplers.calc_cond_batch(model, [conds[0], primary_conds] + our_conds, x, sigma, options)
         else:
-            # Another node owns the two-branch call (it may expect exactly [cond, uncond]);
-            # our branches go in a second batched call.
+            # Another node owns the two-branch call (it may expect exactly [cond, uncond]); our branches go in a
+            # second batched call, at the places they have in our own call, so that none is labelled a positive.
             out = list(self.prev_calc({**args, "conds": [conds[0], primary_conds]}))
             if our_conds:
-                out += comfy.samplers.calc_cond_batch(model, our_conds, x, sigma, options)
+                out += comfy.samplers.calc_cond_batch(model, [None, None] + our_conds, x, sigma, options)[2:]
         pos = out[0]
         made = dict(zip(ours, out[2:]))
         if primary_conds is not None:

@@ -102,3 +102,44 @@ def test_nag_composes_with_the_packs_guidance_and_guides_only_the_positive_row(p
     assert torch.isfinite(out).all() and rel_diff(out, alone) > 1e-4
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("NegativeAttentionGuidance on ")]
     assert len(lines) == 1 and re.search(r"evaluations inside its window: 3; .*, rows 1 of [\d-]+$", lines[0]), lines
+
+
+def test_the_packs_guidance_beside_another_nodes_batch_function_is_the_same(pack_nodes, host_nodes, tiny_model):
+    """Another node in the host's ``sampler_calc_cond_batch_function`` slot (here one that only calls the host's own
+    ``calc_cond_batch``): the pack calls through to it for cond and uncond and computes its own branches in a second
+    batched call; the pictures are the pack's alone."""
+    import comfy.samplers
+
+    seen = []
+
+    def other_node(args):
+        seen.append(len(args["conds"]))
+        return comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
+                                              args["model_options"])
+
+    beside = tiny_model.clone()
+    beside.set_model_sampler_calc_cond_batch_function(other_node)
+    alone = _run(host_nodes, _ours(pack_nodes, tiny_model))
+    both = _run(host_nodes, _ours(pack_nodes, beside))
+    assert seen == [2] * 3 and rel_diff(both, alone) <= 1e-5
+
+
+def test_nag_beside_the_pack_and_another_nodes_batch_function_guides_only_the_positive(pack_nodes, host_nodes,
+                                                                                        tiny_model):
+    """The pack's second batched call (its branches, when another node holds the batch function) keeps their places,
+    so NAG does not take the first of them for a positive: the pictures are those without the other node."""
+    import comfy.samplers
+
+    nag = importlib.import_module("negative_guidance_pack.nodes.nag")
+
+    def other_node(args):
+        return comfy.samplers.calc_cond_batch(args["model"], args["conds"], args["input"], args["sigma"],
+                                              args["model_options"])
+
+    def guided(model):
+        return nag.NegativeAttentionGuidance.execute(_ours(pack_nodes, model), cond(7), 4.0, 2.5, 0.25, "L1", 0.0,
+                                                     1.0)[0]
+
+    beside = tiny_model.clone()
+    beside.set_model_sampler_calc_cond_batch_function(other_node)
+    assert rel_diff(_run(host_nodes, guided(beside)), _run(host_nodes, guided(tiny_model))) <= 1e-5
